@@ -1,0 +1,1 @@
+"""Pure numpy/scipy privacy analyses; the accountant classes wrap them."""
