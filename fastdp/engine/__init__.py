@@ -1,0 +1,1 @@
+"""The DP engine: per-layer rules and the book-keeping machinery."""

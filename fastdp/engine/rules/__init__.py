@@ -1,0 +1,36 @@
+"""Layer rules, one file per layer type, and the registry that maps module classes to them."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import nn
+
+from .base import LayerRule
+
+_RULES: Dict[type, LayerRule] = {}
+
+
+def register_rule(rule: LayerRule, *module_types: type) -> LayerRule:
+    """Use ``rule`` for modules of the given classes (default: ``rule.module_types``)."""
+    types = module_types or rule.module_types
+    if not types:
+        raise ValueError("register_rule needs module_types (as arguments or rule.module_types)")
+    for module_type in types:
+        _RULES[module_type] = rule
+    return rule
+
+
+def get_rule(module: nn.Module) -> Optional[LayerRule]:
+    """The rule for this module's class (or its nearest registered base class), else None."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+__all__ = ["LayerRule", "register_rule", "get_rule"]
+
+from . import linear  # noqa: E402,F401  (registers nn.Linear)
+from . import conv  # noqa: E402,F401  (registers nn.Conv1d/2d/3d)
+from . import embedding, embedding_bag, layer_norm, group_norm, instance_norm, rms_norm  # noqa: E402,F401

@@ -1,0 +1,86 @@
+"""nn.Conv1d/2d/3d: pad the input as the module does, then fastdp.ops.conv on the padded input."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...ops import conv as conv_ops
+from ...ops import linear as linear_ops
+from . import register_rule
+from .base import LayerRule
+from .linear import common_dtype
+
+#: conv padding_mode -> F.pad mode
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _padding_pairs(module: nn.modules.conv._ConvNd) -> List[Tuple[int, int]]:
+    """(left, right) padding per spatial dim, as the module's forward applies it."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":  # torch puts the odd extra element on the right
+        totals = [dil * (size - 1) for dil, size in zip(module.dilation, module.kernel_size)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(pad, pad) for pad in module.padding]
+
+
+def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    pairs = _padding_pairs(module)
+    if not any(left or right for left, right in pairs):
+        return x
+    flat = [amount for pair in reversed(pairs) for amount in pair]  # F.pad wants the last dim first
+    return F.pad(x, flat, mode=_PAD_MODES[module.padding_mode])
+
+
+class ConvRule(LayerRule):
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def check(self, module: nn.modules.conv._ConvNd) -> None:
+        if module.padding_mode not in _PAD_MODES:
+            raise ValueError(
+                f"{type(module).__name__} has padding_mode={module.padding_mode!r}, which fastdp cannot "
+                f"make private; use one of {sorted(_PAD_MODES)}"
+            )
+
+    @staticmethod
+    def _geometry(module: nn.modules.conv._ConvNd) -> tuple:
+        return module.kernel_size, module.stride, module.dilation, module.groups
+
+    def norm_sq(self, module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+        norms = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+        if module.weight.requires_grad:
+            x = padded_input(module, inputs[0])
+            norms += conv_ops.conv_weight_norm_sq(x, grad_output, *self._geometry(module))
+        if module.bias is not None and module.bias.requires_grad:
+            norms += linear_ops.linear_bias_norm_sq(grad_output.flatten(2).mT)
+        return norms
+
+    def clipped_grad(
+        self, module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        grads = {}
+        if module.weight.requires_grad:
+            x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
+            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, clip_factors, *self._geometry(module))
+            grads["weight"] = weight_grad.to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            bias_grad = linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, clip_factors)
+            grads["bias"] = bias_grad.to(module.bias.dtype)
+        return grads
+
+    def grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        grads = {}
+        if module.weight.requires_grad:
+            x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
+            weight_grads = conv_ops.conv_weight_grad_sample(x, g, *self._geometry(module))
+            grads["weight"] = weight_grads.to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            grads["bias"] = grad_output.flatten(2).sum(2).to(module.bias.dtype)
+        return grads
+
+
+register_rule(ConvRule())

@@ -1,0 +1,97 @@
+"""Rule for nn.Embedding: per-sample norms and clipped gradients by segment-sum over tokens.
+
+``sparse=True`` embeddings are supported, but the clipped gradient is dense: noise is added
+to every row anyway, so a sparse gradient would not stay sparse after the DP step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple
+
+import torch
+from torch import nn
+
+from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq
+from . import register_rule
+from .base import LayerRule
+
+
+class TokenList(NamedTuple):
+    """The looked-up tokens of a batch, in the layout the embedding ops take."""
+
+    ids: torch.Tensor  # [N] int64
+    sample_of_token: torch.Tensor  # [N] int64
+    token_grads: torch.Tensor  # [N, dim]
+    batch_size: int
+
+
+def check_lookup_options(module: nn.Module) -> None:
+    """Options shared by nn.Embedding and nn.EmbeddingBag that break per-sample clipping."""
+    name = type(module).__name__
+    if module.max_norm is not None:
+        raise ValueError(
+            f"{name}(max_norm={module.max_norm}) renormalises weight rows in place during forward, "
+            "which DP training cannot account for; drop max_norm (clip the weights yourself after "
+            "each optimizer step if needed)"
+        )
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"{name}(scale_grad_by_freq=True) scales gradients by token counts over the whole batch, "
+            "coupling samples and breaking per-sample clipping; set scale_grad_by_freq=False"
+        )
+
+
+class EmbeddingLookupRule(LayerRule):
+    """Shared by lookup layers: subclasses say how a call becomes a ``TokenList``."""
+
+    def tokens(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> TokenList:
+        raise NotImplementedError
+
+    def check(self, module: nn.Module) -> None:
+        check_lookup_options(module)
+
+    @staticmethod
+    def _padding_idx(module: nn.Module) -> int:
+        return -1 if module.padding_idx is None else module.padding_idx
+
+    def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+        if not self.trainable_params(module):
+            return torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+        tokens = self.tokens(module, inputs, grad_output)
+        return embedding_norm_sq(*tokens, module.num_embeddings, self._padding_idx(module))
+
+    def clipped_grad(
+        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        if not self.trainable_params(module):
+            return {}
+        ids, sample_of_token, token_grads, _ = self.tokens(module, inputs, grad_output)
+        grad = embedding_clipped_grad(
+            ids, sample_of_token, token_grads, clip_factors, module.num_embeddings, self._padding_idx(module)
+        )
+        return {"weight": grad.to(module.weight.dtype)}
+
+    def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not self.trainable_params(module):
+            return {}
+        tokens = self.tokens(module, inputs, grad_output)
+        grads = embedding_grad_sample(*tokens, module.num_embeddings, self._padding_idx(module))
+        return {"weight": grads.to(module.weight.dtype)}
+
+
+class EmbeddingRule(EmbeddingLookupRule):
+    """nn.Embedding with ids of any shape ``[B, *]``: every id is one token of its sample."""
+
+    module_types = (nn.Embedding,)
+
+    def tokens(self, module: nn.Embedding, inputs: tuple, grad_output: torch.Tensor) -> TokenList:
+        ids = inputs[0]
+        batch_size = ids.shape[0]
+        sample_of_token = torch.arange(batch_size, device=ids.device).repeat_interleave(math.prod(ids.shape[1:]))
+        return TokenList(
+            ids.reshape(-1).long(), sample_of_token, grad_output.reshape(-1, module.embedding_dim), batch_size
+        )
+
+
+register_rule(EmbeddingRule())

@@ -1,0 +1,65 @@
+"""nn.Linear: inputs [B, *, d] are flattened to the sequence view [B, T, d] of fastdp.ops.linear."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ...ops import linear as linear_ops
+from . import register_rule
+from .base import LayerRule
+
+
+def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``g`` in one dtype for the gradient GEMMs (they differ under autocast)."""
+    dtype = torch.promote_types(a.dtype, g.dtype)
+    return a.to(dtype), g.to(dtype)
+
+
+class LinearRule(LayerRule):
+    module_types = (nn.Linear,)
+
+    @staticmethod
+    def _sequence_view(inputs: tuple, grad_output: torch.Tensor):
+        """(a [B, T, d], g [B, T, p]) with T the product of the leading non-batch dims."""
+        activations = inputs[0]
+        batch = activations.shape[0]
+        positions = math.prod(activations.shape[1:-1])
+        a = activations.reshape(batch, positions, activations.shape[-1])
+        g = grad_output.reshape(batch, positions, grad_output.shape[-1])
+        return a, g
+
+    def norm_sq(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+        a, g = self._sequence_view(inputs, grad_output)
+        norms = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+        if module.weight.requires_grad:
+            norms += linear_ops.linear_weight_norm_sq(a, g)
+        if module.bias is not None and module.bias.requires_grad:
+            norms += linear_ops.linear_bias_norm_sq(g)
+        return norms
+
+    def clipped_grad(
+        self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
+        grads = {}
+        if module.weight.requires_grad:
+            grads["weight"] = linear_ops.linear_clipped_grad(a, g, clip_factors).to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            grads["bias"] = linear_ops.linear_bias_clipped_grad(g, clip_factors).to(module.bias.dtype)
+        return grads
+
+    def grad_sample(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
+        grads = {}
+        if module.weight.requires_grad:
+            grads["weight"] = linear_ops.linear_grad_sample(a, g).to(module.weight.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            grads["bias"] = g.sum(1).to(module.bias.dtype)
+        return grads
+
+
+register_rule(LinearRule())

@@ -1,0 +1,81 @@
+"""The single dispatch point for every op that a Triton or CUDA kernel may replace.
+
+Each op is defined once with its pure-torch reference (which also serves CPU users)
+via ``@op("name")``; kernel modules add faster implementations with
+``register_impl("name", "triton" | "cuda", fn)``. At call time the backend is
+chosen from ``FASTDP_BACKEND`` (``torch``, ``triton`` or ``cuda``) or, when unset,
+automatically: CUDA tensors get the fastest registered kernel, everything else
+the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Dict
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+
+
+def register_impl(name: str, backend: str, fn: Callable) -> None:
+    """Add a kernel implementation of op ``name`` for ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if name not in _IMPLS:
+        raise ValueError(f"unknown op {name!r}; known ops: {sorted(_IMPLS)}")
+    _IMPLS[name][backend] = fn
+
+
+def requested_backend() -> str | None:
+    """The backend forced by FASTDP_BACKEND, or None for automatic choice."""
+    value = os.environ.get("FASTDP_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"FASTDP_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def _first_tensor(args):
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def select_impl(name: str, *args) -> Callable:
+    impls = _IMPLS[name]
+    forced = requested_backend()
+    if forced is not None:
+        if forced not in impls:
+            raise ValueError(
+                f"FASTDP_BACKEND={forced} but op {name!r} has no {forced} implementation; "
+                f"available: {sorted(impls)} (unset FASTDP_BACKEND for automatic choice)"
+            )
+        return impls[forced]
+    tensor = _first_tensor(args)
+    if tensor is not None and tensor.is_cuda:
+        for backend in ("cuda", "triton"):
+            if backend in impls:
+                return impls[backend]
+    return impls["torch"]
+
+
+def op(name: str):
+    """Declare an op by its torch reference; returns the dispatching function."""
+
+    def decorate(torch_fn: Callable) -> Callable:
+        _IMPLS.setdefault(name, {})["torch"] = torch_fn
+
+        @functools.wraps(torch_fn)
+        def dispatch(*args, **kwargs):
+            return select_impl(name, *args)(*args, **kwargs)
+
+        dispatch.torch_reference = torch_fn
+        return dispatch
+
+    return decorate
+
+
+def available_impls(name: str) -> Dict[str, Callable]:
+    return dict(_IMPLS[name])

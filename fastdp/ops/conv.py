@@ -1,0 +1,87 @@
+"""Per-sample ops for N-d convolutions (1d/2d/3d) on an already padded input.
+
+Norms and per-sample gradients use the unfold view: a convolution is, per group, a
+linear layer over T = output positions with d = (C_in/groups)·prod(kernel) inputs and
+p = C_out/groups outputs, so they reuse fastdp.ops.linear (cost model included) with
+the groups folded into the batch. The clipped gradient needs no unfold at all: it is
+the ordinary weight gradient of the clip-scaled output gradient, which cuDNN/oneDNN
+computes without materialising the [B, T, d] patches.
+
+x: padded input [B, C_in, *S]; g: output gradient [B, C_out, *L]; kernel_size,
+stride, dilation: one int per spatial dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import op
+from .linear import batch_chunks, linear_grad_sample, linear_weight_norm_sq
+
+
+def unfold(
+    x: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int], groups: int = 1
+) -> torch.Tensor:
+    """N-d im2col without padding: [B, groups, L, (C/groups)·prod(kernel_size)].
+
+    For groups=1 this is ``F.unfold(x).transpose(1, 2)`` generalised to any number of
+    spatial dims; feature order within a row is (channel, *kernel offsets), matching
+    the conv weight layout [C_out, C_in/groups, *kernel_size].
+    """
+    batch, channels = x.shape[:2]
+    ndim = len(kernel_size)
+    patches = x
+    for dim, (size, dil, step) in enumerate(zip(kernel_size, dilation, stride)):
+        patches = patches.unfold(2 + dim, dil * (size - 1) + 1, step)  # window dim appended
+    patches = patches[(slice(None),) * (2 + ndim) + tuple(slice(None, None, dil) for dil in dilation)]
+    out_positions = patches.shape[2 : 2 + ndim]
+    patches = patches.reshape(batch, groups, channels // groups, *out_positions, *kernel_size)
+    # [B, G, C_g, *L, *k] -> [B, G, *L, C_g, *k]
+    order = (0, 1, *range(3, 3 + ndim), 2, *range(3 + ndim, 3 + 2 * ndim))
+    row_width = channels // groups * math.prod(kernel_size)
+    return patches.permute(order).reshape(batch, groups, math.prod(out_positions), row_width)
+
+
+def _grouped_sequence_view(x, g, kernel_size, stride, dilation, groups):
+    """(a [B·G, T, d], g [B·G, T, p]): each (sample, group) as one linear-layer sample."""
+    batch, out_channels = g.shape[:2]
+    a = unfold(x, kernel_size, dilation, stride, groups)
+    positions = a.shape[2]
+    g = g.reshape(batch, groups, out_channels // groups, positions).transpose(2, 3)
+    return a.flatten(0, 1), g.flatten(0, 1)
+
+
+@op("conv_weight_norm_sq")
+def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
+    """Per-sample squared weight-gradient norms, float32 [B] (sum over groups), a chunk of samples at a time."""
+    batch = x.shape[0]
+    patch_numel = math.prod(g.shape[2:]) * x.shape[1] * math.prod(kernel_size)
+    out = torch.empty(batch, dtype=torch.float32, device=x.device)
+    for rows in batch_chunks(batch, patch_numel):
+        a, g_rows = _grouped_sequence_view(x[rows], g[rows], kernel_size, stride, dilation, groups)
+        out[rows] = linear_weight_norm_sq(a, g_rows).view(-1, groups).sum(1)
+    return out
+
+
+@op("conv_weight_clipped_grad")
+def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
+    """sum_i c_i grad_i for the weight [C_out, C_in/groups, *kernel_size], as one conv weight-gradient."""
+    ndim = len(kernel_size)
+    scaled = g * c.to(g.dtype).view(-1, *(1,) * (g.dim() - 1))
+    weight_shape = (g.shape[1], x.shape[1] // groups, *kernel_size)
+    weight = scaled.new_empty(1).expand(weight_shape)  # only its shape and dtype are read
+    zeros = [0] * ndim
+    return torch.ops.aten.convolution_backward(
+        scaled, x, weight, None, list(stride), zeros, list(dilation), False, zeros, groups, (False, True, False)
+    )[1]
+
+
+@op("conv_weight_grad_sample")
+def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
+    """Per-sample weight gradients [B, C_out, C_in/groups, *kernel_size]."""
+    a, g_rows = _grouped_sequence_view(x, g, kernel_size, stride, dilation, groups)
+    per_group = linear_grad_sample(a, g_rows)  # [B·G, C_out/G, d]
+    return per_group.reshape(g.shape[0], g.shape[1], x.shape[1] // groups, *kernel_size)

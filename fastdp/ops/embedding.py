@@ -1,0 +1,84 @@
+"""Embedding-lookup ops on a token list: per-sample norms, clipped sums, per-sample grads.
+
+nn.Embedding and nn.EmbeddingBag both reduce to a *token list* of N looked-up tokens:
+``ids [N]`` (int64 row indices), ``sample_of_token [N]`` (int64, which sample each token
+belongs to) and ``token_grads [N, dim]`` (the gradient flowing into that token's weight
+row). A sample's gradient for row v is the sum of its tokens' grads with id v, so a token
+repeated within a sample contributes the norm of the *sum* of its grads. Tokens are grouped
+by the key ``sample * num_embeddings + id`` with a sort (``torch.unique``) and segment-summed
+(``index_add``): O(N·dim) work and memory, never a [B, num_embeddings] one-hot.
+
+``padding_idx`` (-1 for none) names the row torch never updates; its tokens are dropped.
+All results accumulate in float32 (float64 for float64 grads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import op
+
+
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+@op("embedding_norm_sq")
+def embedding_norm_sq(
+    ids: torch.Tensor,
+    sample_of_token: torch.Tensor,
+    token_grads: torch.Tensor,
+    batch_size: int,
+    num_embeddings: int,
+    padding_idx: int,
+) -> torch.Tensor:
+    """Each sample's squared weight-gradient norm, ``[batch_size]``."""
+    keys = sample_of_token * num_embeddings + ids
+    unique_keys, key_of_token = torch.unique(keys, return_inverse=True)
+    dtype = _accumulation_dtype(token_grads)
+    row_grads = token_grads.new_zeros((unique_keys.numel(), token_grads.shape[1]), dtype=dtype)
+    row_grads.index_add_(0, key_of_token, token_grads.to(dtype))
+    row_norm_sq = row_grads.pow(2).sum(1)
+    if padding_idx >= 0:
+        row_norm_sq.masked_fill_(unique_keys % num_embeddings == padding_idx, 0)
+    norm_sq = torch.zeros(batch_size, dtype=dtype, device=token_grads.device)
+    return norm_sq.index_add_(0, unique_keys // num_embeddings, row_norm_sq).float()
+
+
+@op("embedding_clipped_grad")
+def embedding_clipped_grad(
+    ids: torch.Tensor,
+    sample_of_token: torch.Tensor,
+    token_grads: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+) -> torch.Tensor:
+    """``sum_i clip_factors[i] * grad_i`` as a dense ``[num_embeddings, dim]`` weight gradient."""
+    dtype = _accumulation_dtype(token_grads)
+    scaled = token_grads.to(dtype) * clip_factors.to(dtype)[sample_of_token].unsqueeze(1)
+    grad = token_grads.new_zeros((num_embeddings, token_grads.shape[1]), dtype=dtype)
+    grad.index_add_(0, ids, scaled)
+    if padding_idx >= 0:
+        grad[padding_idx] = 0
+    return grad
+
+
+@op("embedding_grad_sample")
+def embedding_grad_sample(
+    ids: torch.Tensor,
+    sample_of_token: torch.Tensor,
+    token_grads: torch.Tensor,
+    batch_size: int,
+    num_embeddings: int,
+    padding_idx: int,
+) -> torch.Tensor:
+    """Materialised per-sample weight gradients ``[batch_size, num_embeddings, dim]``."""
+    dtype = _accumulation_dtype(token_grads)
+    dim = token_grads.shape[1]
+    grads = token_grads.new_zeros((batch_size * num_embeddings, dim), dtype=dtype)
+    grads.index_add_(0, sample_of_token * num_embeddings + ids, token_grads.to(dtype))
+    grads = grads.view(batch_size, num_embeddings, dim)
+    if padding_idx >= 0:
+        grads[:, padding_idx] = 0
+    return grads

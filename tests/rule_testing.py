@@ -1,0 +1,111 @@
+"""Shared checks for layer rules: everything a rule returns against one-sample-at-a-time autograd."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+import torch
+from torch import nn
+
+import fastdp.ops.linear as linear_ops
+from fastdp.engine.rules import get_rule
+from .microbatch import microbatch_grad_sample, split_batch
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Normwise relative closeness, ||actual - expected|| <= rtol·||expected|| (and equal shapes)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = (actual.double() - expected.double()).norm()
+    assert error <= rtol * expected.double().norm(), f"relative error {error / expected.double().norm():.3g}"
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, rtol: float = 1e-5) -> None:
+    """|actual - expected| <= rtol·scale elementwise, where ``scale`` is the sum of the absolute values
+    of the terms that make up ``expected``: plain ``rtol`` relative error where no terms cancel, the
+    fp32 rounding bound where they do (a relative bound alone is unreachable under cancellation)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = (actual.double() - expected.double()).abs()
+    excess = error - rtol * scale.double()
+    assert (excess <= 0).all(), f"max error {error.max():.3g} at scale {scale.flatten()[excess.argmax()]:.3g}"
+
+
+def microbatch_grads(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return microbatch_grad_sample(module, split_batch(x), list(grad_output.split(1)))
+
+
+def grads_and_scales(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor):
+    """Per-sample gradients from microbatching, and their scales for ``assert_within``.
+
+    Valid for layers whose parameter gradients are bilinear in (input, output gradient) with
+    nonnegative coefficients (linear; conv with any padding mode, as padding copies values):
+    there the gradient of |x| against |grad_output| is exactly the sum of the absolute terms.
+    """
+    return microbatch_grads(module, x, grad_output), microbatch_grads(module, x.abs(), grad_output.abs())
+
+
+def check_rule(module: nn.Module, x: torch.Tensor, rtol: float = 1e-5, bilinear: bool = False) -> None:
+    """The rule's grad_sample, norm_sq and clipped_grad for a random output gradient match microbatching.
+
+    Gradients are compared normwise and norms per sample, to ``rtol`` relative; with ``bilinear``
+    (see ``grads_and_scales``) every element is compared to ``rtol`` times its sum of absolute
+    terms instead, so that random shapes with cancelling terms cannot fail on fp32 rounding.
+    """
+    rule = get_rule(module)
+    rule.check(module)
+    grad_output = torch.randn_like(module(x))
+    if bilinear:
+        expected, scales = grads_and_scales(module, x, grad_output)
+    else:
+        expected, scales = microbatch_grads(module, x, grad_output), None
+    clip_factors = torch.rand(x.shape[0])
+
+    def assert_matches(actual, reference, scale):
+        if scales is None:
+            assert_rel_close(actual, reference, rtol)
+        else:
+            assert_within(actual, reference, scale, rtol)
+
+    grad_sample = rule.grad_sample(module, (x,), grad_output)
+    assert grad_sample.keys() == expected.keys()
+    for name, grads in expected.items():
+        assert_matches(grad_sample[name], grads, None if scales is None else scales[name])
+
+    norms = rule.norm_sq(module, (x,), grad_output)
+    assert norms.dtype == torch.float32 and norms.shape == (x.shape[0],)
+    expected_norms = sum(g.flatten(1).double().square().sum(1) for g in expected.values())
+    if scales is None:
+        norm_scales = expected_norms
+    else:
+        norm_scales = sum(s.flatten(1).double().square().sum(1) for s in scales.values())
+    assert_within(norms, expected_norms, norm_scales, rtol)
+
+    clipped = rule.clipped_grad(module, (x,), grad_output, clip_factors)
+    assert clipped.keys() == expected.keys()
+    for name, grads in expected.items():
+        assert clipped[name].dtype == getattr(module, name).dtype
+        weighted_sum = torch.einsum("b,b...->...", clip_factors, grads)
+        scale = None if scales is None else torch.einsum("b,b...->...", clip_factors, scales[name])
+        assert_matches(clipped[name], weighted_sum, scale)
+
+
+def check_empty_batch(module: nn.Module, x: torch.Tensor) -> None:
+    """B = 0: norms of shape [0], zero clipped gradients, [0, *p.shape] per-sample gradients."""
+    rule = get_rule(module)
+    empty = x[:0]
+    grad_output = module(empty).detach()
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert rule.norm_sq(module, (empty,), grad_output).shape == (0,)
+    clipped = rule.clipped_grad(module, (empty,), grad_output, torch.ones(0))
+    assert {n: g.shape for n, g in clipped.items()} == {n: p.shape for n, p in trainable.items()}
+    assert all(not g.any() for g in clipped.values())
+    grad_sample = rule.grad_sample(module, (empty,), grad_output)
+    assert {n: g.shape for n, g in grad_sample.items()} == {n: (0, *p.shape) for n, p in trainable.items()}
+
+
+@pytest.fixture(params=["ghost", "direct"])
+def norm_method(request, monkeypatch):
+    """Force every linear-type weight norm (linear and conv alike) through one method."""
+    monkeypatch.setattr(linear_ops, "choose_linear_norm_method", lambda *shape: request.param)
+    return request.param
+
