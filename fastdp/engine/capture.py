@@ -1,0 +1,123 @@
+"""Routing a module's forward so that one backward hands the engine (inputs, output gradient).
+
+A routed module runs its own forward with its trainable parameters *detached*, so
+autograd never forms their (non-private) gradients — that GEMM would be thrown
+away. The output then passes through ``CaptureOutputGrad``, an identity whose
+inputs include the real parameters: this keeps the output attached to the graph
+even when nothing upstream requires grad (the first layer), and its backward
+receives exactly the gradient of the loss with respect to this call's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .rules import LayerRule
+
+
+class ModuleCall:
+    """One call of a routed module in a forward pass: what its rule needs in the backward."""
+
+    __slots__ = ("module", "rule", "inputs", "params", "grad_output")
+
+    def __init__(self, module: nn.Module, rule: LayerRule, inputs: tuple, params: Dict[str, nn.Parameter]):
+        self.module = module
+        self.rule = rule
+        self.inputs = inputs
+        self.params = params  # the trainable parameters at call time, by name
+        self.grad_output: Optional[torch.Tensor] = None
+
+
+class CaptureOutputGrad(torch.autograd.Function):
+    """Identity on ``output``; its backward reports the output gradient to ``on_grad``."""
+
+    @staticmethod
+    def forward(ctx, on_grad: Callable, call: ModuleCall, output: torch.Tensor, *params: torch.Tensor):
+        ctx.on_grad, ctx.call, ctx.num_params = on_grad, call, len(params)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        on_grad, call = ctx.on_grad, ctx.call
+        ctx.on_grad = ctx.call = None  # the graph may outlive this backward; the activations must not
+        on_grad(call, grad_output)
+        return (None, None, grad_output) + (None,) * ctx.num_params
+
+
+@contextlib.contextmanager
+def detached_parameters(module: nn.Module, names: List[str]):
+    """Within the block, ``module.<name>`` is a detached view of the parameter."""
+    saved = {name: module._parameters[name] for name in names}
+    try:
+        for name, param in saved.items():
+            module._parameters[name] = param.detach()
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+def positional_inputs(forward: Callable, args: tuple, kwargs: dict) -> tuple:
+    """All of a call's arguments as one positional tuple (rules take positional inputs only)."""
+    if not kwargs:
+        return args
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise ValueError(
+            f"{type(forward.__self__).__name__}.forward received keyword-only arguments "
+            f"{sorted(bound.kwargs)}, which layer rules cannot see; pass them positionally"
+        )
+    return bound.args
+
+
+class _Route:
+    """What a routed module needs at call time. Kept on the module, and the routed forward is a
+    bound method, so ``copy.deepcopy`` of a routed model yields a copy routed to its own state."""
+
+    def __init__(self, rule: LayerRule, capturing: Callable[[], bool], on_grad: Callable, original_forward: Callable):
+        self.rule, self.capturing, self.on_grad, self.original_forward = rule, capturing, on_grad, original_forward
+
+
+def _routed_forward(module: nn.Module, *args, **kwargs):
+    route = module.__dict__["_fastdp_route"]
+    params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if not params or not route.capturing() or not torch.is_grad_enabled():
+        return route.original_forward(*args, **kwargs)
+    with detached_parameters(module, list(params)):
+        output = route.original_forward(*args, **kwargs)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"{type(module).__name__} returned {type(output).__name__}; fastdp's per-layer capture needs "
+            "modules with trainable parameters to return one tensor (wrap it, or register a rule for "
+            "the module that produces the tensor)"
+        )
+    inputs = tuple(
+        a.detach() if isinstance(a, torch.Tensor) else a
+        for a in positional_inputs(route.original_forward, args, kwargs)
+    )
+    call = ModuleCall(module, route.rule, inputs, params)
+    return CaptureOutputGrad.apply(route.on_grad, call, output, *params.values())
+
+
+def route(module: nn.Module, rule: LayerRule, capturing: Callable[[], bool], on_grad: Callable) -> Callable[[], None]:
+    """Route ``module``'s forward through the capture; returns a function that undoes it."""
+    if "_fastdp_route" in module.__dict__:
+        raise ValueError(f"{type(module).__name__} is already routed by another GradSampleModule")
+    had_instance_forward = "forward" in module.__dict__
+    module._fastdp_route = _Route(rule, capturing, on_grad, module.forward)
+    module.forward = types.MethodType(_routed_forward, module)
+
+    def unroute():
+        route_state = module.__dict__.pop("_fastdp_route")
+        if had_instance_forward:
+            module.forward = route_state.original_forward
+        else:
+            del module.forward
+
+    return unroute

@@ -1,0 +1,263 @@
+"""GradSampleModule: wraps a model so that one ``loss.backward()`` leaves clipped gradient sums.
+
+The data flow of one DP step (see DESIGN.md), in this file's order:
+
+1. ``__init__``: every submodule with parameters is routed (``capture.route``) under
+   its layer rule, or the functorch fallback when it has none.
+2. forward: each routed call records its inputs; its parameters are detached, so
+   autograd will not form the non-private weight gradients.
+3. backward: each call receives its output gradient (``_on_grad_output``); the
+   first one queues ``_finish_backward`` to run when the backward ends.
+4. ``_finish_backward``: per-sample squared norms from each call's rule → norms →
+   clip factors (``clipping``) → each call's clipped sum, accumulated into
+   ``p.grad``; the recorded activations are freed.
+5. The optimizer (``DPOptimizer``) adds noise once, scales and steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .capture import ModuleCall, route
+from .rules import get_rule
+from .rules.functorch import FUNCTORCH_RULE
+
+MODES = ("bk", "hooks", "functorch")
+MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
+
+
+def check_loss_reduction(value) -> str:
+    if value not in ("sum", "mean"):
+        raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {value!r}")
+    return value
+
+
+def check_mode(value) -> str:
+    value = MODE_ALIASES.get(value, value)
+    if value not in MODES:
+        raise ValueError(f"grad_sample_mode must be one of {MODES} (or 'ghost' = 'bk'), got {value!r}")
+    return value
+
+
+def _add_to_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """Accumulate like autograd does: several backward passes (virtual steps) add up."""
+    grad = grad.detach().to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+class GradSampleModule(nn.Module):
+    """Per-sample clipping in one backward pass.
+
+    Modes: "bk" (book-keeping: per-sample norms without materialising per-sample
+    gradients, clipped sums from each layer's rule), "hooks" (materialises
+    ``p.grad_sample`` like Opacus; the reference), "functorch" (every layer through
+    torch.func). ``clipping`` is set by the optimizer; without one, a backward only
+    computes ``per_sample_norms`` (and ``p.grad_sample`` in hooks/functorch mode), and
+    ``accumulate_clipped_grads`` applies factors of your choice.
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        mode: str = "bk",
+        strict: bool = False,
+        force_functorch: bool = False,
+        clipping=None,
+    ):
+        super().__init__()
+        if isinstance(m, GradSampleModule):
+            raise ValueError("module is already a GradSampleModule; wrap the original module once")
+        self._module = m
+        self.batch_first = bool(batch_first)
+        self.loss_reduction = check_loss_reduction(loss_reduction)
+        self.mode = check_mode(mode)
+        self.clipping = clipping
+        self.per_sample_norms: Optional[torch.Tensor] = None
+        self.backward_passes = 0  # backward passes since the last zero_grad / optimizer step
+        self.skipped_samples = 0  # samples dropped for a non-finite gradient norm
+        self._calls: List[ModuleCall] = []
+        self._retained_step: Optional[_BackwardStep] = None
+        self._finish_queued = False
+        self._capturing = True
+        self._unroutes = []
+        force_functorch = force_functorch or self.mode == "functorch"
+        for name, sub in m.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(
+                    f"{name or 'model'} ({type(sub).__name__}) mixes the samples of a batch, so per-sample "
+                    "clipping cannot bound them; use fastdp.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
+                )
+            params = list(sub.parameters(recurse=False))
+            if not params:
+                continue
+            rule = FUNCTORCH_RULE if force_functorch else get_rule(sub)
+            if rule is None:
+                if strict:
+                    raise ValueError(
+                        f"no fastdp rule for {name} ({type(sub).__name__}); register one with "
+                        "fastdp.register_grad_sampler(...) or pass strict=False for the functorch fallback"
+                    )
+                rule = FUNCTORCH_RULE
+            if any(p.requires_grad for p in params):
+                rule.check(sub)
+            self._unroutes.append(route(sub, rule, self._is_capturing, self._on_grad_output))
+
+    # -- plumbing -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("_module"), name)
+
+    def to_standard_module(self) -> nn.Module:
+        """Undo the routing and return the wrapped module."""
+        for unroute in self._unroutes:
+            unroute()
+        self._unroutes = []
+        return self._module
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for p in self.parameters():
+            p.grad_sample = None
+        self._retained_step = None
+        self.backward_passes = 0
+
+    def _is_capturing(self) -> bool:
+        return self._capturing
+
+    # -- backward ---------------------------------------------------------------------------
+    def _on_grad_output(self, call: ModuleCall, grad_output: torch.Tensor) -> None:
+        call.grad_output = grad_output.detach()
+        self._calls.append(call)
+        if not self._finish_queued:
+            self._finish_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _finish_backward(self) -> None:
+        self._finish_queued = False
+        calls, self._calls = self._calls, []
+        if not calls:
+            return
+        self._capturing = False  # the functorch fallback runs forwards of its own
+        try:
+            self._process(calls)
+        finally:
+            self._capturing = True
+        self.backward_passes += 1
+
+    def _batch_first(self, call: ModuleCall) -> None:
+        if not self.batch_first:
+            call.inputs = tuple(
+                x.movedim(1, 0) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x for x in call.inputs
+            )
+            call.grad_output = call.grad_output.movedim(1, 0)
+
+    def _process(self, calls: List[ModuleCall]) -> None:
+        for call in calls:
+            self._batch_first(call)
+        step = _BackwardStep(calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean")
+        self.per_sample_norms = step.norms()
+        if self.mode != "bk":
+            for param, grads in step.materialised.values():
+                previous = getattr(param, "grad_sample", None)
+                param.grad_sample = grads if previous is None else previous + grads
+        if self.clipping is None:
+            self._retained_step = step
+            return
+        self._accumulate(step, self.clipping.factors(self.per_sample_norms))
+
+    def accumulate_clipped_grads(self, clip_factors: torch.Tensor) -> None:
+        """Add ``sum_i c_i g_i`` to ``p.grad`` for the last backward (only when no ``clipping`` is set)."""
+        if self._retained_step is None:
+            raise ValueError("no backward to clip: call loss.backward() first (with no clipping policy set)")
+        step, self._retained_step = self._retained_step, None
+        self._accumulate(step, clip_factors)
+
+    def _accumulate(self, step: "_BackwardStep", factors: torch.Tensor) -> None:
+        bad = ~torch.isfinite(self.per_sample_norms)
+        if bad.any():
+            count = int(bad.sum())
+            self.skipped_samples += count
+            warnings.warn(
+                f"{count} sample(s) had a non-finite gradient norm (inf/NaN, or above ~1.8e19 in float32) "
+                "and were left out of this step's sum (counted in GradSampleModule.skipped_samples)",
+                RuntimeWarning,
+            )
+            step.drop_samples(bad)
+        step.accumulate_clipped(factors)
+
+
+class _BackwardStep:
+    """One backward's calls, split into those a rule handles alone and materialised shared parameters.
+
+    A parameter used by several calls (weight tying, a module called twice) has the sum over its
+    uses as per-sample gradient, whose norm is not the sum of the parts' norms: its per-sample
+    gradients are materialised and summed (exact; no use is ever dropped). In "hooks" and
+    "functorch" modes every parameter is materialised.
+    """
+
+    def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool):
+        batch_sizes = {call.grad_output.shape[0] for call in calls}
+        if len(batch_sizes) != 1:
+            raise ValueError(f"layers saw different batch sizes in one backward ({sorted(batch_sizes)}); check batch_first")
+        self.batch_size = batch_sizes.pop()
+        # With a mean loss each output gradient carries 1/B; per-sample gradients are B times it.
+        self.scale = float(self.batch_size) if mean else 1.0
+        self.device = calls[0].grad_output.device
+        uses = Counter(id(p) for call in calls for p in call.params.values())
+        self.rule_calls: List[ModuleCall] = []
+        self.materialised: Dict[int, tuple] = {}  # id(p) -> (p, per-sample grads summed over its calls)
+        for call in calls:
+            if not materialise_all and all(uses[id(p)] == 1 for p in call.params.values()):
+                self.rule_calls.append(call)
+                continue
+            for name, grads in call.rule.grad_sample(call.module, call.inputs, call.grad_output).items():
+                param = call.params[name]
+                grads = grads * self.scale
+                if id(param) in self.materialised:
+                    grads = self.materialised[id(param)][1] + grads
+                self.materialised[id(param)] = (param, grads)
+
+    def norms(self) -> torch.Tensor:
+        norm_sq = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
+        for call in self.rule_calls:
+            norm_sq += call.rule.norm_sq(call.module, call.inputs, call.grad_output) * self.scale**2
+        for _, grads in self.materialised.values():
+            norm_sq += grads.flatten(1).float().square().sum(1)
+        return norm_sq.sqrt()
+
+    def drop_samples(self, rows: torch.Tensor) -> None:
+        """Zero the given samples everywhere (c = 0 alone is not enough: 0 * inf is NaN)."""
+        for call in self.rule_calls:
+            call.grad_output = _zero_rows(call.grad_output, rows)
+            call.inputs = tuple(_zero_rows(x, rows) for x in call.inputs)
+        self.materialised = {k: (p, _zero_rows(g, rows)) for k, (p, g) in self.materialised.items()}
+
+    def accumulate_clipped(self, factors: torch.Tensor) -> None:
+        for call in self.rule_calls:
+            clipped = call.rule.clipped_grad(call.module, call.inputs, call.grad_output, factors * self.scale)
+            for name, grad in clipped.items():
+                _add_to_grad(call.params[name], grad)
+        for param, grads in self.materialised.values():
+            _add_to_grad(param, torch.einsum("b,b...->...", factors.to(grads.dtype), grads))
+
+
+def _zero_rows(x, rows: torch.Tensor):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != rows.shape[0]:
+        return x
+    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), torch.zeros((), dtype=x.dtype, device=x.device), x)
