@@ -1,0 +1,210 @@
+"""ModuleValidator: find the modules DP training cannot handle, and replace the fixable ones.
+
+Every submodule is checked, in train or eval mode and trainable or frozen alike: a frozen
+BatchNorm in train mode still mixes samples, and running statistics are published with the
+model whatever the mode. Two kinds of checks run:
+
+- modules that mix the samples of a batch (BatchNorm), which no per-sample clipping can bound;
+- the ``check`` of the module's layer rule (``fastdp.engine.rules``), which rejects
+  configurations the rule cannot make private (Embedding max_norm, InstanceNorm running
+  statistics, ...), with the fix in its message.
+
+``fix`` returns a repaired deep copy, using ``ModuleValidator.FIXERS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from fastdp.engine.rules import get_rule
+
+logger = logging.getLogger(__name__)
+
+#: ``fixer(module, **fix_kwargs) -> module``: receives a submodule of ``fix``'s private copy and
+#: returns its replacement (or the same module, changed in place or untouched).
+Fixer = Callable[..., nn.Module]
+
+
+class UnsupportedModuleError(ValueError):
+    """A model that DP training cannot handle as configured.
+
+    An error about one submodule carries ``module_path`` (``""`` for the root) and
+    ``module_type``; ``validate(strict=True)`` raises one error listing them all in ``errors``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        module_path: Optional[str] = None,
+        module_type: Optional[str] = None,
+        errors: Sequence["UnsupportedModuleError"] = (),
+    ):
+        super().__init__(message)
+        self.module_path = module_path
+        self.module_type = module_type
+        self.errors = list(errors) or [self]
+
+
+#: Opacus's name for the error ``validate(strict=True)`` raises.
+UnsupportableModuleError = UnsupportedModuleError
+
+
+def _sample_mixing_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` makes one sample's output depend on other samples (None if it does not)."""
+    if isinstance(module, _BatchNorm):
+        return (
+            "BatchNorm mixes samples of a batch, which per-sample clipping cannot bound; "
+            "use ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
+        )
+    return None
+
+
+def _group_count(num_channels: int, num_groups: Optional[int]) -> int:
+    """``num_groups`` checked against ``num_channels``; by default the largest divisor ≤ 32."""
+    if num_groups is None:
+        return next(g for g in range(min(32, num_channels), 0, -1) if num_channels % g == 0)
+    if not (isinstance(num_groups, int) and num_groups > 0 and num_channels % num_groups == 0):
+        raise ValueError(
+            f"num_groups={num_groups!r} does not divide a BatchNorm's {num_channels} channels; "
+            "pass a num_groups that divides every BatchNorm's channel count, or leave it out"
+        )
+    return num_groups
+
+
+_INSTANCE_NORM_OF = {
+    nn.BatchNorm1d: nn.InstanceNorm1d,
+    nn.BatchNorm2d: nn.InstanceNorm2d,
+    nn.BatchNorm3d: nn.InstanceNorm3d,
+}
+
+
+def batch_norm_to_group_norm(
+    bn: _BatchNorm, *, num_groups: Optional[int] = None, replace_bn_with_in: bool = False, **_
+) -> nn.Module:
+    """GroupNorm (or, with ``replace_bn_with_in=True``, InstanceNorm) over the same channels.
+
+    GroupNorm normalises each sample on its own, so it is the usual private stand-in. The
+    BatchNorm's running statistics are dropped (they summarise the data and GroupNorm has no use
+    for them); the affine parameters start fresh, and stay frozen if they were.
+    """
+    like = bn.weight if bn.weight is not None else bn.running_mean
+    factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    if replace_bn_with_in:
+        if num_groups is not None:
+            raise ValueError("num_groups and replace_bn_with_in=True exclude each other; pass one of them")
+        instance_norm = next((i for b, i in _INSTANCE_NORM_OF.items() if isinstance(bn, b)), None)
+        if instance_norm is None:
+            raise ValueError(f"{type(bn).__name__} has no InstanceNorm counterpart; drop replace_bn_with_in")
+        replacement = instance_norm(bn.num_features, eps=bn.eps, affine=bn.affine, **factory)
+    else:
+        groups = _group_count(bn.num_features, num_groups)
+        replacement = nn.GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine, **factory)
+    if bn.affine:
+        replacement.weight.requires_grad_(bn.weight.requires_grad)
+        replacement.bias.requires_grad_(bn.bias.requires_grad)
+    return replacement
+
+
+def instance_norm_without_running_stats(norm: _InstanceNorm, **_) -> nn.Module:
+    """The same InstanceNorm, affine parameters included, minus its batch-averaged running statistics."""
+    if norm.track_running_stats:
+        norm.track_running_stats = False
+        norm.running_mean = norm.running_var = norm.num_batches_tracked = None
+    return norm
+
+
+class ModuleValidator:
+    """Checks a model for modules DP training cannot handle, and fixes the fixable ones."""
+
+    #: module class (or base class) → fixer, applied by ``fix`` to every submodule of that class.
+    #: Extension point: nn.LSTM / nn.GRU / nn.RNN / nn.MultiheadAttention train today through
+    #: the engine's functorch fallback and so are not errors; the DP layers issue registers
+    #: their replacements (DPLSTM, DPGRU, DPRNN, DPMultiheadAttention) here.
+    FIXERS: Dict[type, Fixer] = {
+        _BatchNorm: batch_norm_to_group_norm,
+        _InstanceNorm: instance_norm_without_running_stats,
+    }
+
+    @classmethod
+    def _fixer(cls, module: nn.Module) -> Optional[Fixer]:
+        """The fixer of ``module``'s class or of its nearest registered base class."""
+        return next((cls.FIXERS[c] for c in type(module).__mro__ if c in cls.FIXERS), None)
+
+    @classmethod
+    def _reason(cls, module: nn.Module) -> Optional[str]:
+        """Why DP training cannot handle ``module`` as configured (None if it can)."""
+        reason = _sample_mixing_reason(module)
+        rule = get_rule(module)
+        if reason is not None or rule is None:
+            return reason
+        try:
+            rule.check(module)
+        except ValueError as error:
+            return f"{error}; or use ModuleValidator.fix(model)" if cls._fixer(module) else str(error)
+        return None
+
+    @classmethod
+    def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
+        """One UnsupportedModuleError per unsupported submodule; ``strict=True`` raises them as one error."""
+        errors = []
+        for path, submodule in module.named_modules():
+            reason = cls._reason(submodule)
+            if reason is not None:
+                module_type = type(submodule).__name__
+                errors.append(
+                    UnsupportedModuleError(
+                        f"{path or '<root>'} ({module_type}): {reason}", module_path=path, module_type=module_type
+                    )
+                )
+        if strict and errors:
+            listing = "\n  ".join(str(error) for error in errors)
+            raise UnsupportedModuleError(
+                f"{len(errors)} module(s) cannot be trained with DP as configured:\n  {listing}", errors=errors
+            )
+        return errors
+
+    @classmethod
+    def is_valid(cls, module: nn.Module) -> bool:
+        return not cls.validate(module)
+
+    @classmethod
+    def fix(cls, module: nn.Module, **kwargs) -> nn.Module:
+        """A deep copy of ``module`` with every submodule that has a fixer replaced; ``module`` is untouched.
+
+        ``kwargs`` go to every fixer: ``num_groups`` (GroupNorm groups per former BatchNorm; default
+        the largest divisor of its channels ≤ 32) or ``replace_bn_with_in=True`` (InstanceNorm instead).
+        """
+        return cls._fix_tree(copy.deepcopy(module), "", kwargs, {})
+
+    @classmethod
+    def _fix_tree(cls, module: nn.Module, path: str, kwargs: dict, done: Dict[int, nn.Module]) -> nn.Module:
+        """``module`` fixed, top down; ``done`` maps shared submodules to one shared fix."""
+        if id(module) in done:
+            return done[id(module)]
+        fixer = cls._fixer(module)
+        fixed = module if fixer is None else fixer(module, **kwargs)
+        if fixed is module:  # kept (maybe changed in place): its children may still need fixing
+            for name, child in list(module._modules.items()):  # not named_children: it skips repeats
+                if child is None:
+                    continue
+                fixed_child = cls._fix_tree(child, f"{path}.{name}" if path else name, kwargs, done)
+                if fixed_child is not child:
+                    setattr(module, name, fixed_child)
+        else:
+            logger.info("ModuleValidator.fix: replaced %s (%s) with %s", path or "<root>", module, fixed)
+        done[id(module)] = fixed
+        return fixed
+
+    @classmethod
+    def fix_and_validate(cls, module: nn.Module, **kwargs) -> nn.Module:
+        """``fix`` then ``validate(strict=True)``: the fixed copy, or an error naming what is left."""
+        fixed = cls.fix(module, **kwargs)
+        cls.validate(fixed, strict=True)
+        return fixed
