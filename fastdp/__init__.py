@@ -1,5 +1,28 @@
-"""fastdp: differentially private training for PyTorch at the speed of non-private training."""
+"""fastdp: differentially private training for PyTorch at the speed of non-private training.
+
+Opacus-compatible: ``from fastdp import PrivacyEngine`` where you had ``from opacus import PrivacyEngine``.
+"""
 
 __version__ = "0.1.0"
 
 from . import accountants  # noqa: E402,F401
+from .data import DPDataLoader  # noqa: E402
+from .engine.grad_sample_module import GradSampleModule  # noqa: E402
+from .engine.rules import LayerRule, register_grad_sampler, register_rule  # noqa: E402
+from .optimizers import DPOptimizer  # noqa: E402
+from .privacy_engine import PrivacyEngine  # noqa: E402
+from .utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
+from .validators import ModuleValidator  # noqa: E402
+
+__all__ = [
+    "PrivacyEngine",
+    "GradSampleModule",
+    "DPOptimizer",
+    "DPDataLoader",
+    "BatchMemoryManager",
+    "ModuleValidator",
+    "LayerRule",
+    "register_rule",
+    "register_grad_sampler",
+    "accountants",
+]

@@ -29,7 +29,20 @@ def get_rule(module: nn.Module) -> Optional[LayerRule]:
     return None
 
 
-__all__ = ["LayerRule", "register_rule", "get_rule"]
+def register_grad_sampler(target_class_or_classes):
+    """Decorator (Opacus's signature): ``fn(layer, activations, backprops) -> {param: grad_sample}``."""
+    from .grad_sampler import GradSamplerRule
+
+    classes = target_class_or_classes if isinstance(target_class_or_classes, (list, tuple)) else [target_class_or_classes]
+
+    def decorate(fn):
+        register_rule(GradSamplerRule(fn), *classes)
+        return fn
+
+    return decorate
+
+
+__all__ = ["LayerRule", "register_rule", "register_grad_sampler", "get_rule"]
 
 from . import linear  # noqa: E402,F401  (registers nn.Linear)
 from . import conv  # noqa: E402,F401  (registers nn.Conv1d/2d/3d)

@@ -1,0 +1,260 @@
+"""DPOptimizer: the last stage of a DP step (DESIGN.md step 6).
+
+By the time ``step()`` runs, the engine (GradSampleModule) has left each
+parameter's *clipped, summed* gradient in ``p.grad``. The optimizer adds
+N(0, σ²C²) noise to all of them in one draw, divides by the expected batch size
+(mean loss), steps the wrapped optimizer and tells the accountant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..accountants.validation import check_noise_multiplier
+from ..engine.clipping import AutomaticClipping, FlatClipping, check_max_grad_norm
+
+CLIPPING_MODES = ("flat", "automatic", "adaptive")
+
+
+class AdaptiveClipping(FlatClipping):
+    """Flat clipping whose bound tracks a quantile of the norms (Andrew et al. 2021).
+
+    After each step C ← C·exp(-η·(b̃ - γ)), where b̃ is the *noised* fraction of samples
+    with ||g_i|| ≤ C. The released count is centred, sum_i (1[||g_i|| ≤ C] - 1/2), whose
+    add/remove sensitivity is 1/2; b̃ = (that + N(0, σ_b²)) / expected batch size + 1/2.
+    With that sensitivity, gradient noise σ_Δ and count noise σ_b together cost one
+    Gaussian release of σ with σ⁻² = σ_Δ⁻² + (2σ_b)⁻² (Andrew et al., Thm 1).
+    """
+
+    def __init__(self, max_grad_norm, *, target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
+                 min_clipbound=1e-3, max_clipbound=1e3, unclipped_num_std=None):
+        super().__init__(max_grad_norm)
+        self.target_unclipped_quantile = float(target_unclipped_quantile)
+        self.clipbound_learning_rate = float(clipbound_learning_rate)
+        self.min_clipbound, self.max_clipbound = float(min_clipbound), float(max_clipbound)
+        self.unclipped_num_std = unclipped_num_std
+        self.centred_count = 0.0
+
+    def factors(self, norms: torch.Tensor) -> torch.Tensor:
+        self.centred_count = self.centred_count + (norms <= self.max_grad_norm).sum() - 0.5 * norms.numel()
+        return super().factors(norms)
+
+    def gradient_noise_multiplier(self, noise_multiplier: float) -> float:
+        """σ_Δ such that the gradient and count releases together cost ``noise_multiplier``."""
+        if noise_multiplier == 0:
+            return 0.0
+        return (noise_multiplier**-2 - (2 * self.unclipped_num_std) ** -2) ** -0.5
+
+    def update(self, expected_batch_size: float, generator=None) -> None:
+        count = float(self.centred_count)
+        noise = float(torch.normal(0.0, float(self.unclipped_num_std), (1,), generator=generator))
+        fraction = (count + noise) / expected_batch_size + 0.5
+        bound = self.max_grad_norm * math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
+        self.max_grad_norm = min(max(bound, self.min_clipbound), self.max_clipbound)
+        self.centred_count = 0.0
+
+
+class DPOptimizer(Optimizer):
+    """Wraps ``optimizer``; use ``attach(grad_sample_module)`` (PrivacyEngine does it for you).
+
+    ``clipping``: "flat" (min(1, C/||g_i||)), "automatic" (C/(||g_i|| + γ), Bu et al.),
+    or "adaptive" (Andrew et al. 2021: the bound follows a quantile of the norms; pass
+    ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` etc.
+    as keyword arguments; the gradient noise is raised so that the pair of noisy
+    releases costs exactly ``noise_multiplier`` in the accountant).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator: Optional[torch.Generator] = None,
+        secure_mode: bool = False,
+        clipping: str = "flat",
+        **clipping_kwargs,
+    ):
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if loss_reduction == "mean" and (expected_batch_size is None or expected_batch_size <= 0):
+            raise ValueError(f"expected_batch_size must be > 0 with loss_reduction='mean', got {expected_batch_size!r}")
+        if secure_mode:
+            raise NotImplementedError("secure_mode (CSPRNG noise) is not implemented yet; use secure_mode=False")
+        self.original_optimizer = optimizer
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.clipping = clipping
+        self.clipping_policy = self._make_policy(clipping, max_grad_norm, clipping_kwargs)
+        self.step_hook: Optional[Callable] = None
+        self.accumulated_iterations = 1  # Opacus attribute read by accountant hooks
+        self.modules: List[nn.Module] = []
+        self._skipped_steps = 0  # virtual steps since the last real one (BatchMemoryManager)
+        self._skip_next = False
+
+    def _make_policy(self, clipping, max_grad_norm, kwargs):
+        if clipping == "flat":
+            policy = FlatClipping(max_grad_norm)
+        elif clipping == "automatic":
+            policy = AutomaticClipping(max_grad_norm, **kwargs)
+            kwargs = {}
+        elif clipping == "adaptive":
+            policy = AdaptiveClipping(max_grad_norm, **kwargs)
+            if policy.unclipped_num_std is None:
+                raise ValueError("clipping='adaptive' needs unclipped_num_std= (the noise std of the unclipped count)")
+            if not self.noise_multiplier < 2 * policy.unclipped_num_std:
+                raise ValueError(
+                    "clipping='adaptive' needs noise_multiplier < 2 * unclipped_num_std "
+                    f"(got {self.noise_multiplier} and {policy.unclipped_num_std})"
+                )
+            kwargs = {}
+        elif clipping == "per_layer":
+            raise NotImplementedError("clipping='per_layer' is not implemented yet; use 'flat', 'automatic' or 'adaptive'")
+        else:
+            raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
+        if kwargs:
+            raise ValueError(f"unexpected keyword arguments for clipping={clipping!r}: {sorted(kwargs)}")
+        return policy
+
+    # -- torch.optim.Optimizer surface, delegated ------------------------------------------
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def __repr__(self):
+        return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm})"
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The σ of the gradient noise (below ``noise_multiplier`` only for adaptive clipping)."""
+        if isinstance(self.clipping_policy, AdaptiveClipping):
+            return self.clipping_policy.gradient_noise_multiplier(self.noise_multiplier)
+        return self.noise_multiplier
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.clipping_policy.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.clipping_policy.max_grad_norm = check_max_grad_norm(value)
+
+    # -- wiring -----------------------------------------------------------------------------
+    def attach(self, module: nn.Module) -> None:
+        """Let ``module`` (a GradSampleModule) clip with this optimizer's policy."""
+        module.clipping = self.clipping_policy
+        self.modules.append(module)
+
+    def attach_step_hook(self, fn: Callable) -> None:
+        self.step_hook = fn
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """The next ``step()`` only ends a physical batch of a larger logical one (virtual step)."""
+        self._skip_next = do_skip
+
+    # -- the step ----------------------------------------------------------------------------
+    def _check_backward_passes(self) -> None:
+        for module in self.modules:
+            if module.backward_passes > 1 + self._skipped_steps:
+                raise ValueError(
+                    f"{module.backward_passes} backward passes reached one optimizer step: each sample would be "
+                    "clipped once per pass; call optimizer.step() after every batch (sum losses before "
+                    "backward), or split large batches with fastdp.BatchMemoryManager"
+                )
+
+    def add_noise(self) -> None:
+        """p.grad += N(0, σ²C²), one draw for all parameters (one flat buffer)."""
+        params = self.params
+        for p in params:
+            if p.grad is None:  # an empty batch, or a parameter no sample reached: noise still goes in
+                p.grad = torch.zeros_like(p)
+        sigma = self.gradient_noise_multiplier
+        if not params or sigma == 0:
+            return
+        std = sigma * self.max_grad_norm
+        device, dtype = params[0].grad.device, torch.float32
+        noise = torch.randn(sum(p.numel() for p in params), generator=self.generator, device=device, dtype=dtype)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.add_(noise[offset : offset + n].view_as(p.grad).to(device=p.grad.device, dtype=p.grad.dtype), alpha=std)
+            offset += n
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad.div_(self.expected_batch_size)
+
+    def pre_step(self) -> bool:
+        """Noise and scale; False when this is a virtual (skipped) step."""
+        self._check_backward_passes()
+        if self._skip_next:
+            self._skip_next = False
+            self._skipped_steps += 1
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook is not None:
+            self.step_hook(self)
+        if isinstance(self.clipping_policy, AdaptiveClipping):
+            self.clipping_policy.update(self.expected_batch_size, self.generator)
+        self._skipped_steps = 0
+        for module in self.modules:
+            module.backward_passes = 0
+        return True
+
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self.pre_step():
+            return self.original_optimizer.step()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._skipped_steps:
+            warnings.warn(
+                "optimizer.zero_grad() was ignored: the last step() was a virtual step of a larger batch "
+                "(BatchMemoryManager), whose clipped gradients must keep accumulating",
+                RuntimeWarning,
+            )
+            return
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for module in self.modules:
+            module.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,207 @@
+"""PrivacyEngine: Opacus's entry point, on fastdp's one-backward engine.
+
+``make_private`` wraps the model (GradSampleModule), the optimizer (DPOptimizer)
+and the data loader (Poisson DPDataLoader), wires the optimizer's clipping policy
+into the model and the accountant into the optimizer. Training code stays plain:
+``loss.backward(); optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .accountants import create_accountant, get_noise_multiplier
+from .data import DPDataLoader
+from .engine.clipping import check_max_grad_norm
+from .engine.grad_sample_module import GradSampleModule, check_loss_reduction, check_mode
+from .optimizers import DPOptimizer
+from .validators import ModuleValidator
+
+
+class _PassThroughCriterion(nn.Module):
+    """What Opacus's ghost mode returns as criterion: here the plain loss (one backward suffices)."""
+
+    def __init__(self, criterion: nn.Module):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, *args, **kwargs):
+        return self.criterion(*args, **kwargs)
+
+
+class PrivacyEngine:
+    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
+        if secure_mode:
+            raise NotImplementedError("secure_mode (CSPRNG noise and sampling) is not implemented yet; use secure_mode=False")
+        self.accountant = create_accountant(accountant)
+        self.secure_mode = secure_mode
+
+    # -- compatibility helpers ------------------------------------------------------------------
+    @staticmethod
+    def get_compatible_module(module: nn.Module) -> nn.Module:
+        """A fixed copy of ``module`` (BatchNorm → GroupNorm, ...), validated."""
+        module = ModuleValidator.fix(module)
+        ModuleValidator.validate(module, strict=True)
+        return module
+
+    @staticmethod
+    def is_compatible(*, module: nn.Module, optimizer: Optional[Optimizer] = None, data_loader: Optional[DataLoader] = None) -> bool:
+        return ModuleValidator.is_valid(module)
+
+    @staticmethod
+    def validate(*, module: nn.Module, optimizer: Optional[Optimizer] = None, data_loader: Optional[DataLoader] = None) -> None:
+        ModuleValidator.validate(module, strict=True)
+
+    # -- make_private ---------------------------------------------------------------------------
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator: Optional[torch.Generator] = None,
+        grad_sample_mode: str = "bk",
+        criterion: Optional[nn.Module] = None,
+        strict: bool = False,
+        **clipping_kwargs,
+    ):
+        """Returns ``(module, optimizer, data_loader)``; with grad_sample_mode="ghost" (Opacus),
+        ``(module, optimizer, criterion, data_loader)`` where criterion is the plain loss."""
+        loss_reduction = check_loss_reduction(loss_reduction)
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
+        ghost = grad_sample_mode == "ghost"
+        mode = check_mode(grad_sample_mode)
+        _check_optimizer_params(module, optimizer)
+        if criterion is not None and getattr(criterion, "reduction", loss_reduction) != loss_reduction:
+            raise ValueError(
+                f"criterion.reduction={criterion.reduction!r} but loss_reduction={loss_reduction!r}; make them agree"
+            )
+        ModuleValidator.validate(module, strict=True)
+        if not isinstance(module, GradSampleModule):
+            module = GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction, mode=mode, strict=strict)
+
+        if poisson_sampling:
+            data_loader = DPDataLoader.from_data_loader(data_loader, generator=noise_generator)
+            sample_rate = data_loader.sample_rate
+        else:
+            warnings.warn(
+                "poisson_sampling=False: the accountants assume Poisson sampling, so the reported epsilon is "
+                "only an approximation for fixed-size shuffled batches",
+                RuntimeWarning,
+            )
+            sample_rate = 1 / len(data_loader)
+        expected_batch_size = len(data_loader.dataset) * sample_rate  # E[B]: the unbiased divisor of a sum
+
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            secure_mode=self.secure_mode,
+            clipping=clipping,
+            **clipping_kwargs,
+        )
+        dp_optimizer.attach(module)
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        if ghost:
+            return module, dp_optimizer, _PassThroughCriterion(criterion or nn.CrossEntropyLoss(reduction=loss_reduction)), data_loader
+        return module, dp_optimizer, data_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        **kwargs,
+    ):
+        """``make_private`` with the smallest σ whose ε after ``epochs`` is at most ``target_epsilon``."""
+        sample_rate = 1 / len(data_loader)
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            epochs=epochs,
+            accountant=self.accountant.mechanism(),
+            epsilon_tolerance=kwargs.pop("epsilon_tolerance", 0.01),
+        )
+        return self.make_private(
+            module=module, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **kwargs,
+        )
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.accountant.get_epsilon(delta=delta)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        *,
+        path,
+        module: nn.Module,
+        optimizer: Optional[Optimizer] = None,
+        checkpoint_dict: Optional[Dict[str, Any]] = None,
+        module_state_dict_kwargs: Optional[Dict[str, Any]] = None,
+        torch_save_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs,
+    ) -> None:
+        """Model, optimizer (and its clipping bound) and the full accountant history in one file."""
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
+        checkpoint["privacy_accountant_state_dict"] = self.accountant.state_dict()
+        if optimizer is not None:
+            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+            if isinstance(optimizer, DPOptimizer):
+                checkpoint["max_grad_norm"] = optimizer.max_grad_norm
+        torch.save(checkpoint, path, **(torch_save_kwargs or {}))
+
+    def load_checkpoint(
+        self,
+        *,
+        path,
+        module: nn.Module,
+        optimizer: Optional[Optimizer] = None,
+        module_load_dict_kwargs: Optional[Dict[str, Any]] = None,
+        torch_load_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs,
+    ) -> Dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote; returns the remaining entries of the checkpoint."""
+        checkpoint = torch.load(path, **{"weights_only": False, **(torch_load_kwargs or {})})
+        module.load_state_dict(checkpoint.pop("module_state_dict"), **(module_load_dict_kwargs or {}))
+        self.accountant.load_state_dict(checkpoint.pop("privacy_accountant_state_dict"))
+        optimizer_state = checkpoint.pop("optimizer_state_dict", None)
+        max_grad_norm = checkpoint.pop("max_grad_norm", None)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+            if isinstance(optimizer, DPOptimizer) and max_grad_norm is not None:
+                optimizer.max_grad_norm = max_grad_norm
+        return checkpoint
+
+
+def _check_optimizer_params(module: nn.Module, optimizer: Optimizer) -> None:
+    module_params = {id(p) for p in module.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in module_params:
+                raise ValueError(
+                    f"optimizer holds a parameter of shape {tuple(p.shape)} that is not in module; build the "
+                    "optimizer from module.parameters() of the model you pass to make_private"
+                )

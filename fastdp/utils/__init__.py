@@ -1,0 +1,1 @@
+"""Training utilities (Opacus-compatible paths: fastdp.utils.batch_memory_manager)."""

@@ -1,0 +1,89 @@
+"""BatchMemoryManager: train on large logical (Poisson) batches in small physical pieces.
+
+Each logical batch is split into chunks of at most ``max_physical_batch_size``;
+every chunk but the last makes the next ``optimizer.step()`` a virtual step (the
+clipped sums keep accumulating in ``p.grad``), so noise and accounting happen once
+per logical batch. Flags travel in a queue consumed in batch order, so they stay
+in step with training even when DataLoader workers prefetch ahead.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Deque, Iterator, List
+
+from torch.utils.data import DataLoader, Sampler
+
+
+class _SplittingBatchSampler(Sampler):
+    def __init__(self, batch_sampler, max_batch_size: int, last_chunk_flags: Deque[bool]):
+        self.batch_sampler = batch_sampler
+        self.max_batch_size = max_batch_size
+        self.last_chunk_flags = last_chunk_flags
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for indices in self.batch_sampler:
+            indices = list(indices)
+            chunks = [indices[i : i + self.max_batch_size] for i in range(0, len(indices), self.max_batch_size)] or [[]]
+            for k, chunk in enumerate(chunks):
+                self.last_chunk_flags.append(k == len(chunks) - 1)
+                yield chunk
+
+    def __len__(self) -> int:
+        sample_rate = getattr(self.batch_sampler, "sample_rate", None)
+        num_samples = getattr(self.batch_sampler, "num_samples", None)
+        if sample_rate is None or num_samples is None:
+            return len(self.batch_sampler)
+        expected_chunks = max(1, math.ceil(sample_rate * num_samples / self.max_batch_size))
+        return len(self.batch_sampler) * expected_chunks  # an estimate: Poisson batch sizes vary
+
+
+class _SignallingLoader:
+    def __init__(self, loader: DataLoader, last_chunk_flags: Deque[bool], optimizer):
+        self.loader, self.last_chunk_flags, self.optimizer = loader, last_chunk_flags, optimizer
+
+    def __iter__(self):
+        self.last_chunk_flags.clear()
+        for batch in self.loader:
+            self.optimizer.signal_skip_step(do_skip=not self.last_chunk_flags.popleft())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class BatchMemoryManager:
+    """``with BatchMemoryManager(data_loader=..., max_physical_batch_size=..., optimizer=...) as loader:``"""
+
+    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
+        if not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
+        if not hasattr(optimizer, "signal_skip_step"):
+            raise ValueError("optimizer must be a fastdp DPOptimizer (from PrivacyEngine.make_private)")
+        self.data_loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = optimizer
+
+    def __enter__(self) -> _SignallingLoader:
+        flags: Deque[bool] = collections.deque()
+        source = self.data_loader
+        sampler = _SplittingBatchSampler(source.batch_sampler, self.max_physical_batch_size, flags)
+        loader = DataLoader(
+            source.dataset,
+            batch_sampler=sampler,
+            collate_fn=source.collate_fn,
+            num_workers=source.num_workers,
+            pin_memory=source.pin_memory,
+            timeout=source.timeout,
+            worker_init_fn=source.worker_init_fn,
+            multiprocessing_context=source.multiprocessing_context,
+            generator=source.generator,
+            prefetch_factor=source.prefetch_factor,
+            persistent_workers=source.persistent_workers,
+        )
+        return _SignallingLoader(loader, flags, self.optimizer)
+
+    def __exit__(self, *exc) -> bool:
+        self.optimizer.signal_skip_step(do_skip=False)
+        return False
