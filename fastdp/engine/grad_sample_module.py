@@ -223,7 +223,8 @@ class _BackwardStep:
         self.rule_calls: List[ModuleCall] = []
         self.materialised: Dict[int, tuple] = {}  # id(p) -> (p, per-sample grads summed over its calls)
         for call in calls:
-            if not materialise_all and all(uses[id(p)] == 1 for p in call.params.values()):
+            alone = all(uses[id(p)] == 1 for p in call.params.values())
+            if not materialise_all and alone and not call.rule.prefers_grad_sample(call.module, call.inputs, call.grad_output):
                 self.rule_calls.append(call)
                 continue
             for name, grads in call.rule.grad_sample(call.module, call.inputs, call.grad_output).items():

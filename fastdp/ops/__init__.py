@@ -77,5 +77,10 @@ def op(name: str):
     return decorate
 
 
+def uses_torch_reference(name: str, *args) -> bool:
+    """Whether op ``name`` would run its torch reference on these arguments."""
+    return select_impl(name, *args) is _IMPLS[name]["torch"]
+
+
 def available_impls(name: str) -> Dict[str, Callable]:
     return dict(_IMPLS[name])

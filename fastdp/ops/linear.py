@@ -36,6 +36,17 @@ def choose_linear_norm_method(B: int, T: int, d: int, p: int) -> str:
     return "ghost" if T == 1 or T * (d + p) < p * d else "direct"
 
 
+def materialising_is_cheaper(T: int, d: int, p: int) -> bool:
+    """Whether keeping the per-sample grads [B, p, d] beats computing norm and clipped sum apart.
+
+    Exactly when the direct method is chosen (pd ≤ T(d+p)), the per-sample gradients are no
+    larger than the activations (a, g) the engine already holds, and the torch reference of
+    the direct norm forms them anyway: keeping them turns the clipped sum into a cheap
+    weighted sum instead of a second weight-gradient GEMM. A fused kernel changes that.
+    """
+    return T > 1 and choose_linear_norm_method(1, T, d, p) == "direct"
+
+
 @op("linear_norm_sq_ghost")
 def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """||g_iᵀ a_i||²_F as <a_i a_iᵀ, g_i g_iᵀ>: T×T Grams instead of the p×d gradient."""

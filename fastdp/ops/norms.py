@@ -11,6 +11,7 @@ torch does it (biased variance, ``rsqrt(var + eps)``, float32 compute for low pr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import op
 
@@ -25,12 +26,20 @@ def norm_weight_grad_sample(
     """
     B, M, C, S = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
-    if x.numel() == 0:  # var_mean warns on empty reductions
+    if x.numel() == 0:  # the normalisation kernels reject empty inputs
         return x.new_zeros((B, C), dtype=dtype)
-    blocks = x.to(dtype).reshape(B, M, num_groups, C // num_groups * S)
-    if rms:
-        x_hat = blocks * torch.rsqrt(blocks.square().mean(-1, keepdim=True) + eps)
-    else:
-        var, mean = torch.var_mean(blocks, dim=-1, correction=0, keepdim=True)
-        x_hat = (blocks - mean) * torch.rsqrt(var + eps)
-    return torch.einsum("bmcs,bmcs->bc", grad.to(dtype), x_hat.reshape(B, M, C, S))
+    x_hat = normalised(x.to(dtype), num_groups, eps, rms)
+    return torch.einsum("bmcs,bmcs->bc", grad.to(dtype), x_hat)
+
+
+def normalised(x: torch.Tensor, num_groups: int, eps: float, rms: bool) -> torch.Tensor:
+    """x̂ of ``x [B, M, C, S]`` by torch's own normalisation kernels without affine parameters,
+    so it equals what the layer's forward computed (and is as fast)."""
+    B, M, C, S = x.shape
+    if S == 1 and num_groups == 1:  # LayerNorm / RMSNorm over the parameter dim
+        rows = x.reshape(B * M, C)
+        rows = F.rms_norm(rows, (C,), eps=eps) if rms else F.layer_norm(rows, (C,), eps=eps)
+        return rows.reshape(B, M, C, S)
+    if M == 1 and not rms:  # GroupNorm / InstanceNorm over channel groups × positions
+        return F.group_norm(x.reshape(B, C, S), num_groups, eps=eps).reshape(B, M, C, S)
+    raise ValueError(f"no normalisation kernel for view {tuple(x.shape)} with {num_groups} groups (rms={rms})")

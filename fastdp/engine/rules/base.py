@@ -32,6 +32,12 @@ class LayerRule:
     def trainable_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
+    def prefers_grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> bool:
+        """True when materialising this call's per-sample gradients once (then deriving the norm and
+        the clipped sum from them) is cheaper than ``norm_sq`` + ``clipped_grad``: tiny per-sample
+        gradients (norm layers), or shapes where they are no larger than the activations."""
+        return False
+
     def check(self, module: nn.Module) -> None:
         """Raise a one-line ValueError if this module's configuration cannot be made private."""
 

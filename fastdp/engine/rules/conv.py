@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...ops import uses_torch_reference
 
 from ...ops import conv as conv_ops
 from ...ops import linear as linear_ops
@@ -49,6 +53,14 @@ class ConvRule(LayerRule):
     @staticmethod
     def _geometry(module: nn.modules.conv._ConvNd) -> tuple:
         return module.kernel_size, module.stride, module.dilation, module.groups
+
+    def prefers_grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> bool:
+        positions = math.prod(grad_output.shape[2:])
+        group_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        group_out = module.out_channels // module.groups
+        return linear_ops.materialising_is_cheaper(positions, group_in, group_out) and uses_torch_reference(
+            "conv_weight_norm_sq", inputs[0], grad_output
+        )
 
     def norm_sq(self, module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
         norms = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)

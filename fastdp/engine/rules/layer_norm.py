@@ -25,6 +25,9 @@ class AffineNormRule(LayerRule):
     ``fastdp.ops.norms``), the number of statistics groups along C, and eps.
     """
 
+    def prefers_grad_sample(self, module, inputs, grad_output) -> bool:
+        return True  # [B, C]: smaller than the activations, and one x̂ recompute instead of two
+
     rms = False
 
     def view(self, module: nn.Module, x: torch.Tensor) -> Tuple[int, int, int, int]:

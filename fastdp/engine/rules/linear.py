@@ -8,6 +8,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from ...ops import uses_torch_reference
+
 from ...ops import linear as linear_ops
 from . import register_rule
 from .base import LayerRule
@@ -31,6 +33,12 @@ class LinearRule(LayerRule):
         a = activations.reshape(batch, positions, activations.shape[-1])
         g = grad_output.reshape(batch, positions, grad_output.shape[-1])
         return a, g
+
+    def prefers_grad_sample(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> bool:
+        a, g = self._sequence_view(inputs, grad_output)
+        return linear_ops.materialising_is_cheaper(a.shape[1], a.shape[2], g.shape[2]) and uses_torch_reference(
+            "linear_norm_sq_direct", a, g
+        )
 
     def norm_sq(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
         a, g = self._sequence_view(inputs, grad_output)
