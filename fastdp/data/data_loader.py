@@ -72,6 +72,20 @@ def _warn_ignored(settings: List[str]) -> None:
     )
 
 
+def worker_settings(data_loader: DataLoader) -> dict:
+    """The loading settings a re-batched copy of ``data_loader`` keeps (workers, pinning, timeouts)."""
+    return dict(
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        prefetch_factor=data_loader.prefetch_factor,
+        persistent_workers=data_loader.persistent_workers,
+        pin_memory_device=data_loader.pin_memory_device,
+    )
+
+
 class DPDataLoader(DataLoader):
     """DataLoader whose batches are Poisson samples of the dataset.
 
@@ -163,12 +177,5 @@ class DPDataLoader(DataLoader):
             collate_fn=data_loader.collate_fn,
             generator=generator if generator is not None else data_loader.generator,
             distributed=distributed,
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
-            prefetch_factor=data_loader.prefetch_factor,
-            persistent_workers=data_loader.persistent_workers,
-            pin_memory_device=data_loader.pin_memory_device,
+            **worker_settings(data_loader),
         )

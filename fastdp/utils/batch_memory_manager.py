@@ -15,6 +15,8 @@ from typing import Deque, Iterator, List
 
 from torch.utils.data import DataLoader, Sampler
 
+from ..data.data_loader import worker_settings
+
 
 class _SplittingBatchSampler(Sampler):
     def __init__(self, batch_sampler, max_batch_size: int, last_chunk_flags: Deque[bool]):
@@ -73,14 +75,8 @@ class BatchMemoryManager:
             source.dataset,
             batch_sampler=sampler,
             collate_fn=source.collate_fn,
-            num_workers=source.num_workers,
-            pin_memory=source.pin_memory,
-            timeout=source.timeout,
-            worker_init_fn=source.worker_init_fn,
-            multiprocessing_context=source.multiprocessing_context,
             generator=source.generator,
-            prefetch_factor=source.prefetch_factor,
-            persistent_workers=source.persistent_workers,
+            **worker_settings(source),
         )
         return _SignallingLoader(loader, flags, self.optimizer)
 
