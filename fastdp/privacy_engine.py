@@ -75,12 +75,15 @@ class PrivacyEngine:
         grad_sample_mode: str = "bk",
         criterion: Optional[nn.Module] = None,
         strict: bool = False,
+        padded_batch_size: Optional[int] = None,
         **clipping_kwargs,
     ):
         """Returns ``(module, optimizer, data_loader)``; with grad_sample_mode="ghost" (Opacus),
-        ``(module, optimizer, criterion, data_loader)`` where criterion is the plain loss."""
+        ``(module, optimizer, criterion, data_loader)`` where criterion is the plain loss.
+        ``padded_batch_size``: fixed-shape masked Poisson batches (see ``DPDataLoader``)."""
         loss_reduction = check_loss_reduction(loss_reduction)
-        max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if clipping != "per_layer":  # per-layer bounds are a list, checked by the optimizer
+            max_grad_norm = check_max_grad_norm(max_grad_norm)
         ghost = grad_sample_mode == "ghost"
         mode = check_mode(grad_sample_mode)
         _check_optimizer_params(module, optimizer)
@@ -93,7 +96,9 @@ class PrivacyEngine:
             module = GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction, mode=mode, strict=strict)
 
         if poisson_sampling:
-            data_loader = DPDataLoader.from_data_loader(data_loader, generator=noise_generator)
+            data_loader = DPDataLoader.from_data_loader(
+                data_loader, generator=noise_generator, padded_batch_size=padded_batch_size
+            )
             sample_rate = data_loader.sample_rate
         else:
             warnings.warn(
@@ -169,8 +174,8 @@ class PrivacyEngine:
         checkpoint["privacy_accountant_state_dict"] = self.accountant.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
-            if isinstance(optimizer, DPOptimizer):
-                checkpoint["max_grad_norm"] = optimizer.max_grad_norm
+            if isinstance(optimizer, DPOptimizer) and optimizer.clipping != "per_layer":
+                checkpoint["max_grad_norm"] = optimizer.max_grad_norm  # adaptive clipping moves it
         torch.save(checkpoint, path, **(torch_save_kwargs or {}))
 
     def load_checkpoint(

@@ -276,3 +276,32 @@ def test_bad_input_errors():
         engine.make_private(**{**base, "module": bn, "optimizer": torch.optim.SGD(bn.parameters(), lr=0.1)})
     with pytest.raises(ValueError, match="clipping"):
         engine.make_private(**{**base, "clipping": "elementwise"})
+
+
+def test_per_layer_clipping_clips_each_parameter_to_its_bound():
+    model, optimizer, loader = _setup()
+    reference = copy.deepcopy(model)
+    before = _params(model)
+    names = [n for n, _ in model.named_parameters()]
+    bounds = [0.05 * (k + 1) for k in range(len(names))]
+    module, dp_opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=bounds,
+        clipping="per_layer", loss_reduction="sum",
+    )
+    assert dp_opt.max_grad_norm == pytest.approx(math.sqrt(sum(b * b for b in bounds)))  # sets the noise
+    x, y = next(iter(loader))
+    F.cross_entropy(module(x), y, reduction="sum").backward()
+    dp_opt.step()
+    grads = microbatch_per_sample_grads(reference, x, y)
+    for name, bound in zip(names, bounds):
+        expected = clipped_sum({name: grads[name]}, bound)[name]  # each parameter alone
+        torch.testing.assert_close(model.get_parameter(name).detach(), before[name] - expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_needs_one_bound_per_parameter():
+    model, optimizer, loader = _setup()
+    with pytest.raises(ValueError, match="one bound per trainable"):
+        PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            clipping="per_layer",
+        )

@@ -76,3 +76,18 @@ def test_clip_factors_never_exceed_the_bound():
 def test_max_grad_norm_must_be_positive_and_finite(value):
     with pytest.raises(ValueError, match="max_grad_norm"):
         FlatClipping(value)
+
+
+def test_per_layer_factors_bound_every_parameter():
+    from fastdp.engine.clipping import PerLayerClipping
+
+    norm_sq = {1: torch.tensor([0.0, 4.0, 1e30, math.inf, math.nan]), 2: torch.tensor([9.0, 0.25, 1.0, 1.0, 1.0])}
+    policy = PerLayerClipping({1: 1.0, 2: 0.5})
+    assert policy.max_grad_norm == pytest.approx(math.sqrt(1.25))
+    factors = policy.factors_by_param(norm_sq, torch.zeros(5))
+    for key, bound in policy.bounds.items():
+        contribution = torch.nan_to_num(factors[key] * norm_sq[key].sqrt(), nan=0.0)
+        assert (contribution <= bound * (1 + 1e-6)).all() and torch.isfinite(factors[key]).all()
+    assert factors[1][3:].eq(0).all()
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        policy.factors_by_param({3: torch.ones(2)}, torch.ones(2))

@@ -88,6 +88,7 @@ class GradSampleModule(nn.Module):
         self.skipped_samples = 0  # samples dropped for a non-finite gradient norm
         self._calls: List[ModuleCall] = []
         self._retained_step: Optional[_BackwardStep] = None
+        self._norm_sq_by_param: Dict[int, torch.Tensor] = {}
         self._finish_queued = False
         self._capturing = True
         self._unroutes = []
@@ -171,7 +172,11 @@ class GradSampleModule(nn.Module):
         for call in calls:
             self._batch_first(call)
         step = _BackwardStep(calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean")
-        self.per_sample_norms = step.norms()
+        self._norm_sq_by_param = step.norm_sq_by_param()
+        total = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
+        for norm_sq in self._norm_sq_by_param.values():
+            total += norm_sq
+        self.per_sample_norms = total.sqrt()
         if self.mode != "bk":
             for param, grads in step.materialised.values():
                 previous = getattr(param, "grad_sample", None)
@@ -179,16 +184,16 @@ class GradSampleModule(nn.Module):
         if self.clipping is None:
             self._retained_step = step
             return
-        self._accumulate(step, self.clipping.factors(self.per_sample_norms))
+        self._accumulate(step, self.clipping.factors_by_param(self._norm_sq_by_param, self.per_sample_norms))
 
     def accumulate_clipped_grads(self, clip_factors: torch.Tensor) -> None:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for the last backward (only when no ``clipping`` is set)."""
         if self._retained_step is None:
             raise ValueError("no backward to clip: call loss.backward() first (with no clipping policy set)")
         step, self._retained_step = self._retained_step, None
-        self._accumulate(step, clip_factors)
+        self._accumulate(step, {key: clip_factors for key in self._norm_sq_by_param})
 
-    def _accumulate(self, step: "_BackwardStep", factors: torch.Tensor) -> None:
+    def _accumulate(self, step: "_BackwardStep", factors: Dict[int, torch.Tensor]) -> None:
         bad = ~torch.isfinite(self.per_sample_norms)
         if bad.any():
             count = int(bad.sum())
@@ -234,13 +239,15 @@ class _BackwardStep:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
 
-    def norms(self) -> torch.Tensor:
-        norm_sq = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
+    def norm_sq_by_param(self) -> Dict[int, torch.Tensor]:
+        """id(p) → each sample's squared gradient norm for p, ``[B]`` float32."""
+        norm_sq = {}
         for call in self.rule_calls:
-            norm_sq += call.rule.norm_sq(call.module, call.inputs, call.grad_output) * self.scale**2
-        for _, grads in self.materialised.values():
-            norm_sq += grads.flatten(1).float().square().sum(1)
-        return norm_sq.sqrt()
+            for name, value in call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output).items():
+                norm_sq[id(call.params[name])] = value * self.scale**2
+        for key, (_, grads) in self.materialised.items():
+            norm_sq[key] = grads.flatten(1).float().square().sum(1)
+        return norm_sq
 
     def drop_samples(self, rows: torch.Tensor) -> None:
         """Zero the given samples everywhere (c = 0 alone is not enough: 0 * inf is NaN)."""
@@ -249,13 +256,15 @@ class _BackwardStep:
             call.inputs = tuple(_zero_rows(x, rows) for x in call.inputs)
         self.materialised = {k: (p, _zero_rows(g, rows)) for k, (p, g) in self.materialised.items()}
 
-    def accumulate_clipped(self, factors: torch.Tensor) -> None:
+    def accumulate_clipped(self, factors: Dict[int, torch.Tensor]) -> None:
+        """Add each parameter's ``sum_i c_{i,p} g_{i,p}`` to ``p.grad`` (factors keyed by id(p))."""
         for call in self.rule_calls:
-            clipped = call.rule.clipped_grad(call.module, call.inputs, call.grad_output, factors * self.scale)
+            call_factors = {name: factors[id(p)] * self.scale for name, p in call.params.items()}
+            clipped = call.rule.clipped_grad(call.module, call.inputs, call.grad_output, call_factors)
             for name, grad in clipped.items():
                 _add_to_grad(call.params[name], grad)
-        for param, grads in self.materialised.values():
-            _add_to_grad(param, torch.einsum("b,b...->...", factors.to(grads.dtype), grads))
+        for key, (param, grads) in self.materialised.items():
+            _add_to_grad(param, torch.einsum("b,b...->...", factors[key].to(grads.dtype), grads))
 
 
 def _zero_rows(x, rows: torch.Tensor):

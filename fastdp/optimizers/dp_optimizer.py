@@ -17,9 +17,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..accountants.validation import check_noise_multiplier
-from ..engine.clipping import AutomaticClipping, FlatClipping, check_max_grad_norm
+from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
 
-CLIPPING_MODES = ("flat", "automatic", "adaptive")
+CLIPPING_MODES = ("flat", "per_layer", "automatic", "adaptive")
 
 
 class AdaptiveClipping(FlatClipping):
@@ -63,7 +63,9 @@ class AdaptiveClipping(FlatClipping):
 class DPOptimizer(Optimizer):
     """Wraps ``optimizer``; use ``attach(grad_sample_module)`` (PrivacyEngine does it for you).
 
-    ``clipping``: "flat" (min(1, C/||g_i||)), "automatic" (C/(||g_i|| + γ), Bu et al.),
+    ``clipping``: "flat" (min(1, C/||g_i||)), "per_layer" (``max_grad_norm`` a list with one
+    bound per trainable parameter, in optimizer order, as Opacus; the noise uses the L2 norm
+    of the bounds), "automatic" (C/(||g_i|| + γ), Bu et al.),
     or "adaptive" (Andrew et al. 2021: the bound follows a quantile of the norms; pass
     ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` etc.
     as keyword arguments; the gradient noise is raised so that the pair of noisy
@@ -120,7 +122,13 @@ class DPOptimizer(Optimizer):
                 )
             kwargs = {}
         elif clipping == "per_layer":
-            raise NotImplementedError("clipping='per_layer' is not implemented yet; use 'flat', 'automatic' or 'adaptive'")
+            params = self.params
+            if not isinstance(max_grad_norm, (list, tuple)) or len(max_grad_norm) != len(params):
+                raise ValueError(
+                    f"clipping='per_layer' needs max_grad_norm as a list with one bound per trainable "
+                    f"parameter of the optimizer ({len(params)}), got {max_grad_norm!r}"
+                )
+            policy = PerLayerClipping({id(p): bound for p, bound in zip(params, max_grad_norm)})
         else:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
         if kwargs:
@@ -173,6 +181,8 @@ class DPOptimizer(Optimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
+        if isinstance(self.clipping_policy, PerLayerClipping):
+            raise ValueError("with clipping='per_layer' the bounds are per parameter: set clipping_policy.bounds")
         self.clipping_policy.max_grad_norm = check_max_grad_norm(value)
 
     # -- wiring -----------------------------------------------------------------------------

@@ -4,9 +4,10 @@ The engine records, for every ruled module call, the module's positional inputs 
 the gradient of the loss with respect to its output, both batch-first. A rule turns
 them into what one DP step needs without ever forming the non-private gradient:
 
-- ``norm_sq``: each sample's squared gradient norm over the module's trainable
-  parameters, ``[B]`` in float32;
-- ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter;
+- ``norm_sq_per_param``: each sample's squared gradient norm, per trainable
+  parameter, ``{name: [B]}`` in float32 (``norm_sq`` is their sum);
+- ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter, with one
+  factor vector ``c`` for all of them or one per parameter name (per-layer clipping);
 - ``grad_sample``: the materialised per-sample gradients ``[B, *p.shape]`` (hooks
   mode, tests, and the generic fallback for the two methods above).
 
@@ -17,10 +18,18 @@ never appear in any result.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 from torch import nn
+
+
+ClipFactors = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def factors_for(clip_factors: ClipFactors, name: str) -> torch.Tensor:
+    """The clip factors of parameter ``name``: shared by all parameters, or its own."""
+    return clip_factors[name] if isinstance(clip_factors, dict) else clip_factors
 
 
 class LayerRule:
@@ -44,12 +53,18 @@ class LayerRule:
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = self.grad_sample(module, inputs, grad_output)
-        return sum(g.flatten(1).float().pow(2).sum(1) for g in grads.values())
+        return {n: g.flatten(1).float().square().sum(1) for n, g in grads.items()}
+
+    def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+        for norm_sq in self.norm_sq_per_param(module, inputs, grad_output).values():
+            total += norm_sq
+        return total
 
     def clipped_grad(
-        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         grads = self.grad_sample(module, inputs, grad_output)
-        return {n: torch.einsum("b,b...->...", clip_factors.to(g.dtype), g) for n, g in grads.items()}
+        return {n: torch.einsum("b,b...->...", factors_for(clip_factors, n).to(g.dtype), g) for n, g in grads.items()}

@@ -15,7 +15,7 @@ from ...ops import uses_torch_reference
 from ...ops import conv as conv_ops
 from ...ops import linear as linear_ops
 from . import register_rule
-from .base import LayerRule
+from .base import ClipFactors, LayerRule, factors_for
 from .linear import common_dtype
 
 #: conv padding_mode -> F.pad mode
@@ -62,25 +62,27 @@ class ConvRule(LayerRule):
             "conv_weight_norm_sq", inputs[0], grad_output
         )
 
-    def norm_sq(self, module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
-        norms = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+    def norm_sq_per_param(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        norms = {}
         if module.weight.requires_grad:
             x = padded_input(module, inputs[0])
-            norms += conv_ops.conv_weight_norm_sq(x, grad_output, *self._geometry(module))
+            norms["weight"] = conv_ops.conv_weight_norm_sq(x, grad_output, *self._geometry(module))
         if module.bias is not None and module.bias.requires_grad:
-            norms += linear_ops.linear_bias_norm_sq(grad_output.flatten(2).mT)
+            norms["bias"] = linear_ops.linear_bias_norm_sq(grad_output.flatten(2).mT)
         return norms
 
     def clipped_grad(
-        self, module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+        self, module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
             x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
-            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, clip_factors, *self._geometry(module))
+            factors = factors_for(clip_factors, "weight")
+            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, factors, *self._geometry(module))
             grads["weight"] = weight_grad.to(module.weight.dtype)
         if module.bias is not None and module.bias.requires_grad:
-            bias_grad = linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, clip_factors)
+            factors = factors_for(clip_factors, "bias")
+            bias_grad = linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, factors)
             grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq
 from . import register_rule
-from .base import LayerRule
+from .base import ClipFactors, LayerRule, factors_for
 
 
 class TokenList(NamedTuple):
@@ -55,20 +55,21 @@ class EmbeddingLookupRule(LayerRule):
     def _padding_idx(module: nn.Module) -> int:
         return -1 if module.padding_idx is None else module.padding_idx
 
-    def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not self.trainable_params(module):
-            return torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+            return {}
         tokens = self.tokens(module, inputs, grad_output)
-        return embedding_norm_sq(*tokens, module.num_embeddings, self._padding_idx(module))
+        return {"weight": embedding_norm_sq(*tokens, module.num_embeddings, self._padding_idx(module))}
 
     def clipped_grad(
-        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         if not self.trainable_params(module):
             return {}
         ids, sample_of_token, token_grads, _ = self.tokens(module, inputs, grad_output)
+        factors = factors_for(clip_factors, "weight")
         grad = embedding_clipped_grad(
-            ids, sample_of_token, token_grads, clip_factors, module.num_embeddings, self._padding_idx(module)
+            ids, sample_of_token, token_grads, factors, module.num_embeddings, self._padding_idx(module)
         )
         return {"weight": grad.to(module.weight.dtype)}
 

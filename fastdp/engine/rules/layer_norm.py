@@ -15,7 +15,7 @@ from torch import nn
 
 from ...ops.norms import norm_weight_grad_sample
 from . import register_rule
-from .base import LayerRule
+from .base import ClipFactors, LayerRule, factors_for
 
 
 class AffineNormRule(LayerRule):
@@ -54,18 +54,16 @@ class AffineNormRule(LayerRule):
             grads["bias"] = grad.sum((1, 3), dtype=torch.promote_types(grad.dtype, torch.float32))
         return grads
 
-    def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
-        norm_sq = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
-        for grad in self._per_sample_grads(module, inputs, grad_output).values():
-            norm_sq += grad.square().sum(1)
-        return norm_sq
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        grads = self._per_sample_grads(module, inputs, grad_output)
+        return {name: grad.square().sum(1).float() for name, grad in grads.items()}
 
     def clipped_grad(
-        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         params = self.trainable_params(module)
         return {
-            name: (clip_factors.to(grad.dtype) @ grad).to(params[name].dtype).view(params[name].shape)
+            name: (factors_for(clip_factors, name).to(grad.dtype) @ grad).to(params[name].dtype).view(params[name].shape)
             for name, grad in self._per_sample_grads(module, inputs, grad_output).items()
         }
 

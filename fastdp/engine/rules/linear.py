@@ -12,7 +12,7 @@ from ...ops import uses_torch_reference
 
 from ...ops import linear as linear_ops
 from . import register_rule
-from .base import LayerRule
+from .base import ClipFactors, LayerRule, factors_for
 
 
 def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -40,24 +40,26 @@ class LinearRule(LayerRule):
             "linear_norm_sq_direct", a, g
         )
 
-    def norm_sq(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
+    def norm_sq_per_param(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         a, g = self._sequence_view(inputs, grad_output)
-        norms = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+        norms = {}
         if module.weight.requires_grad:
-            norms += linear_ops.linear_weight_norm_sq(a, g)
+            norms["weight"] = linear_ops.linear_weight_norm_sq(a, g)
         if module.bias is not None and module.bias.requires_grad:
-            norms += linear_ops.linear_bias_norm_sq(g)
+            norms["bias"] = linear_ops.linear_bias_norm_sq(g)
         return norms
 
     def clipped_grad(
-        self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: torch.Tensor
+        self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         a, g = common_dtype(*self._sequence_view(inputs, grad_output))
         grads = {}
         if module.weight.requires_grad:
-            grads["weight"] = linear_ops.linear_clipped_grad(a, g, clip_factors).to(module.weight.dtype)
+            weight_grad = linear_ops.linear_clipped_grad(a, g, factors_for(clip_factors, "weight"))
+            grads["weight"] = weight_grad.to(module.weight.dtype)
         if module.bias is not None and module.bias.requires_grad:
-            grads["bias"] = linear_ops.linear_bias_clipped_grad(g, clip_factors).to(module.bias.dtype)
+            bias_grad = linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias"))
+            grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
 
     def grad_sample(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
