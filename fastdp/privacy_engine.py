@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from .accountants import create_accountant, get_noise_multiplier
+from .accountants.validation import check_noise_multiplier
 from .data import DPDataLoader
 from .engine.clipping import check_max_grad_norm
 from .engine.grad_sample_module import GradSampleModule, check_loss_reduction, check_mode
@@ -92,9 +93,25 @@ class PrivacyEngine:
                 f"criterion.reduction={criterion.reduction!r} but loss_reduction={loss_reduction!r}; make them agree"
             )
         ModuleValidator.validate(module, strict=True)
-        if not isinstance(module, GradSampleModule):
+        check_noise_multiplier(noise_multiplier)
+        wrapped_here = not isinstance(module, GradSampleModule)
+        if wrapped_here:
             module = GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction, mode=mode, strict=strict)
+        try:
+            return self._wire(
+                module, optimizer, data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
+                noise_generator=noise_generator, ghost=ghost, criterion=criterion,
+                padded_batch_size=padded_batch_size, clipping_kwargs=clipping_kwargs,
+            )
+        except Exception:
+            if wrapped_here:  # all or nothing: leave the caller's model as it was
+                module.to_standard_module()
+            raise
 
+    def _wire(self, module, optimizer, data_loader, *, noise_multiplier, max_grad_norm, loss_reduction,
+              poisson_sampling, clipping, noise_generator, ghost, criterion, padded_batch_size, clipping_kwargs):
+        """Loader, optimizer and accountant around an already wrapped module."""
         if poisson_sampling:
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=noise_generator, padded_batch_size=padded_batch_size

@@ -2,64 +2,141 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional
 
 import torch
+from scipy.stats import binom
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
+from ..accountants.validation import check_delta, check_sample_rate
 from .samplers import UniformWithReplacementSampler
 
 
-def _empty_batch_like(batch: Any, path: str = "batch") -> Any:
-    """``batch`` (a collated batch) with the same structure and every sample removed.
+def _map_samples(batch: Any, on_tensor: Callable, on_values: Callable, path: str = "batch") -> Any:
+    """``batch`` (a collated batch) with the same structure, its per-sample parts transformed.
 
-    Tensors keep dtype, device and trailing shape with a leading dimension of 0; a list or tuple
-    of plain values (e.g. strings, which ``default_collate`` leaves as a per-sample list) becomes
-    empty. Any other non-tensor leaf could be data of the sample the template came from, so it
-    is refused rather than copied into a batch that must hold no data.
+    ``on_tensor`` gets every tensor (samples along dim 0); ``on_values`` every list or tuple of
+    plain values (e.g. strings, which ``default_collate`` leaves as a per-sample list). Any other
+    leaf could be data of the samples the batch came from, so it is refused rather than copied
+    into an empty batch or into padding rows that must hold no data.
     """
     if isinstance(batch, torch.Tensor):
-        return batch[:0]
+        return on_tensor(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({key: _empty_batch_like(value, f"{path}[{key!r}]") for key, value in batch.items()})
+        return type(batch)(
+            {key: _map_samples(value, on_tensor, on_values, f"{path}[{key!r}]") for key, value in batch.items()}
+        )
     if isinstance(batch, tuple) and hasattr(type(batch), "_fields"):  # namedtuple: keep its fields
-        return type(batch)(*(_empty_batch_like(getattr(batch, f), f"{path}.{f}") for f in batch._fields))
+        fields = (_map_samples(getattr(batch, f), on_tensor, on_values, f"{path}.{f}") for f in batch._fields)
+        return type(batch)(*fields)
     if isinstance(batch, (list, tuple)):
         if not any(isinstance(item, (torch.Tensor, Mapping, list, tuple)) for item in batch):
-            return type(batch)()
-        return type(batch)(_empty_batch_like(item, f"{path}[{i}]") for i, item in enumerate(batch))
+            return on_values(batch)
+        return type(batch)(_map_samples(item, on_tensor, on_values, f"{path}[{i}]") for i, item in enumerate(batch))
     raise TypeError(
-        f"DPDataLoader cannot build an empty Poisson batch: collate_fn output holds a "
+        f"DPDataLoader cannot build an empty or padded Poisson batch: collate_fn output holds a "
         f"{type(batch).__name__} at {path}; make collate_fn return tensors (or per-sample lists) there"
     )
 
 
+def _empty_batch_like(batch: Any) -> Any:
+    """``batch`` with every sample removed: tensors keep dtype, device and trailing shape."""
+    return _map_samples(batch, lambda tensor: tensor[:0], lambda values: type(values)())
+
+
+def _padded(batch: Any, size: int) -> Any:
+    """``batch`` (of at most ``size`` samples) grown to ``size`` rows: zero rows of each tensor's
+    trailing shape and dtype, ``None`` entries in per-sample lists."""
+
+    def pad_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor.new_zeros((size - len(tensor), *tensor.shape[1:]))])
+
+    return _map_samples(batch, pad_tensor, lambda values: type(values)([*values, *[None] * (size - len(values))]))
+
+
+def _with_mask(batch: Any, mask: torch.Tensor) -> Any:
+    """The mask appended last to a list/tuple batch, as key "mask" of a dict; else ``(batch, mask)``."""
+    if isinstance(batch, Mapping):
+        return type(batch)({**batch, "mask": mask})
+    if isinstance(batch, (list, tuple)) and not hasattr(type(batch), "_fields"):
+        return type(batch)([*batch, mask])
+    return batch, mask
+
+
+def _mask_of(batch: Any) -> torch.Tensor:
+    return batch["mask"] if isinstance(batch, Mapping) else batch[-1]
+
+
+def _check_padded_batch_size(value) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise ValueError(f"padded_batch_size must be None or an int >= 1, got {value!r}")
+    return value
+
+
+def suggested_padded_batch_size(num_samples: int, sample_rate: float, overflow_probability: float = 1e-6) -> int:
+    """Smallest N with P(Binomial(num_samples, sample_rate) > N) <= overflow_probability.
+
+    A padded batch size chosen this way keeps batch shapes fixed on all but about one step in
+    ``1 / overflow_probability``; larger Poisson batches are yielded whole (never truncated).
+    """
+    if isinstance(num_samples, bool) or not (isinstance(num_samples, numbers.Integral) and num_samples > 0):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    sample_rate = check_sample_rate(sample_rate)
+    overflow_probability = check_delta(overflow_probability, "overflow_probability")
+    size = int(binom.isf(overflow_probability, num_samples, sample_rate))
+    while size > 0 and binom.sf(size - 1, num_samples, sample_rate) <= overflow_probability:  # isf is approximate
+        size -= 1
+    while binom.sf(size, num_samples, sample_rate) > overflow_probability:
+        size += 1
+    return max(size, 1)
+
+
 class CollateWithEmptyBatches:
-    """Wraps a collate function so that an empty list of samples collates to an empty batch.
+    """Wraps a collate function so that an empty list of samples collates to an empty batch, and
+    optionally pads every batch to a fixed size with a 0/1 mask.
 
     Poisson sampling yields empty batches (probability ``(1 - q) ** N``), and most collate
     functions crash on them. The empty batch is inferred once, at construction, by collating the
     dataset's first sample and cutting every tensor to length 0; so it has the structure, dtypes
     and trailing shapes the model sees on ordinary batches, and a forward pass on it gives an
     empty output. Only this small template is kept, so pickling to workers stays cheap.
+
+    With ``padded_batch_size``, a batch of ``b <= padded_batch_size`` samples (the empty one
+    included) gets zero rows up to that size, so CUDA graphs and torch.compile see one shape; the
+    float mask ``[1.0] * b + [0.0] * padding`` tells the loss which rows are real. A larger batch is
+    left whole (all-ones mask): truncating it would change the sampling the accountant assumes.
     """
 
-    def __init__(self, collate_fn: Callable[[List[Any]], Any], first_sample: Any):
+    def __init__(
+        self, collate_fn: Callable[[List[Any]], Any], first_sample: Any, padded_batch_size: Optional[int] = None
+    ):
         self.collate_fn = collate_fn
+        self.padded_batch_size = padded_batch_size
         try:
             self.empty_batch, self.unsupported = _empty_batch_like(collate_fn([first_sample])), None
-        except TypeError as error:  # only fatal if an empty batch is ever drawn
+        except TypeError as error:  # only fatal if an empty batch is ever drawn, or every batch is padded
+            if padded_batch_size is not None:
+                raise
             self.empty_batch, self.unsupported = None, error
+        if padded_batch_size is not None and isinstance(self.empty_batch, Mapping) and "mask" in self.empty_batch:
+            raise ValueError('padded_batch_size adds key "mask" to each batch, but collate_fn output already has one')
 
     def __call__(self, samples: List[Any]) -> Any:
         if len(samples) > 0:
-            return self.collate_fn(samples)
-        if self.unsupported is not None:
+            batch = self.collate_fn(samples)
+        elif self.unsupported is not None:
             raise self.unsupported
-        return _empty_batch_like(self.empty_batch)  # fresh containers: callers may mutate a batch
+        else:
+            batch = _empty_batch_like(self.empty_batch)  # fresh containers: callers may mutate a batch
+        if self.padded_batch_size is None:
+            return batch
+        mask = torch.zeros(max(len(samples), self.padded_batch_size))
+        mask[: len(samples)] = 1.0
+        return _with_mask(batch if len(samples) == len(mask) else _padded(batch, len(mask)), mask)
 
 
 def _warn_ignored(settings: List[str]) -> None:
@@ -93,6 +170,14 @@ class DPDataLoader(DataLoader):
     with probability ``sample_rate``, so batch sizes vary and a batch may be empty (see
     ``CollateWithEmptyBatches``). Other DataLoader arguments (``num_workers``, ``pin_memory``, ...)
     pass through ``kwargs``; ``generator`` drives the sampling, so a seeded one reproduces it.
+
+    ``padded_batch_size=N`` gives static shapes (CUDA graphs, torch.compile): each batch of
+    ``b <= N`` samples gets ``N - b`` zero rows and a float mask ``[N]`` appended last (key "mask"
+    for a dict batch; see ``CollateWithEmptyBatches``). Weight the per-sample loss with it,
+    ``(F.cross_entropy(out, y, reduction="none") * mask).sum() / N`` for loss_reduction="mean"
+    (the engine rescales by the batch dimension, N) or ``.sum()`` for "sum": padding rows then
+    have zero gradients and add nothing to the clipped sum. Sampling is unchanged; a batch larger
+    than N is yielded whole, with a one-time RuntimeWarning (``suggested_padded_batch_size``).
     """
 
     def __init__(
@@ -104,6 +189,7 @@ class DPDataLoader(DataLoader):
         drop_last: bool = False,
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
+        padded_batch_size: Optional[int] = None,
         **kwargs,
     ):
         if distributed:
@@ -127,13 +213,39 @@ class DPDataLoader(DataLoader):
         )
         self.sample_rate = sample_rate
         self.distributed = distributed
+        self.padded_batch_size = _check_padded_batch_size(padded_batch_size)
+        self._overflow_warned = False
         super().__init__(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=CollateWithEmptyBatches(default_collate if collate_fn is None else collate_fn, dataset[0]),
+            collate_fn=CollateWithEmptyBatches(
+                default_collate if collate_fn is None else collate_fn, dataset[0], padded_batch_size
+            ),
             generator=generator,
             **kwargs,
         )
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return batches if self.padded_batch_size is None else self._warn_on_overflow(batches)
+
+    def _warn_on_overflow(self, batches):
+        """Checks in the main process (collation may run in workers), so the warning shows once."""
+        for batch in batches:
+            size = len(_mask_of(batch))
+            if size > self.padded_batch_size and not self._overflow_warned:
+                self._overflow_warned = True
+                n, q = len(self.dataset), self.sample_rate
+                warnings.warn(
+                    f"DPDataLoader drew a Poisson batch of {size} > padded_batch_size="
+                    f"{self.padded_batch_size} samples (probability {binom.sf(self.padded_batch_size, n, q):.3g} "
+                    f"per step) and yielded it whole, since truncating would break the privacy accounting; "
+                    f"shapes change on such steps. padded_batch_size={suggested_padded_batch_size(n, q)} "
+                    f"overflows with probability <= 1e-6 (suggested_padded_batch_size)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            yield batch
 
     @property
     def expected_batch_size(self) -> float:
@@ -147,13 +259,14 @@ class DPDataLoader(DataLoader):
         *,
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
+        padded_batch_size: Optional[int] = None,
     ) -> "DPDataLoader":
         """A DPDataLoader over ``data_loader``'s dataset with the same mean batch size.
 
         ``sample_rate = 1 / len(data_loader)``, so an epoch still has ``len(data_loader)`` steps.
         Worker, pinning and collate settings are kept; its sampler, batch sampler and ``drop_last``
         are replaced by Poisson sampling (with one warning if they were not the defaults).
-        ``generator`` defaults to ``data_loader``'s.
+        ``generator`` and ``padded_batch_size`` default to ``data_loader``'s.
         """
         if data_loader.batch_sampler is None:
             raise ValueError(
@@ -177,5 +290,8 @@ class DPDataLoader(DataLoader):
             collate_fn=data_loader.collate_fn,
             generator=generator if generator is not None else data_loader.generator,
             distributed=distributed,
+            padded_batch_size=(
+                padded_batch_size if padded_batch_size is not None else getattr(data_loader, "padded_batch_size", None)
+            ),
             **worker_settings(data_loader),
         )

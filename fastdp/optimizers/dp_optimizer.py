@@ -9,7 +9,6 @@ N(0, σ²C²) noise to all of them in one draw, divides by the expected batch si
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, Optional
 
 import torch
@@ -259,12 +258,7 @@ class DPOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._skipped_steps:
-            warnings.warn(
-                "optimizer.zero_grad() was ignored: the last step() was a virtual step of a larger batch "
-                "(BatchMemoryManager), whose clipped gradients must keep accumulating",
-                RuntimeWarning,
-            )
-            return
+            return  # mid logical batch (BatchMemoryManager): the clipped sums must keep accumulating
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for module in self.modules:
             module.zero_grad(set_to_none=set_to_none)
