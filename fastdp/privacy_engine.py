@@ -117,6 +117,8 @@ class PrivacyEngine:
                 data_loader, generator=noise_generator, padded_batch_size=padded_batch_size
             )
             sample_rate = data_loader.sample_rate
+        elif padded_batch_size is not None:
+            raise ValueError("padded_batch_size pads Poisson batches; it needs poisson_sampling=True")
         else:
             warnings.warn(
                 "poisson_sampling=False: the accountants assume Poisson sampling, so the reported epsilon is "

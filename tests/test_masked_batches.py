@@ -13,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fastdp import PrivacyEngine
+from fastdp import BatchMemoryManager, PrivacyEngine
 from fastdp.data import DPDataLoader, suggested_padded_batch_size
 
 from .models import clipped_sum, microbatch_per_sample_grads
@@ -165,4 +165,22 @@ def test_bad_padded_batch_size(bad):
         PrivacyEngine().make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(dataset, batch_size=2),
             noise_multiplier=1.0, max_grad_norm=1.0, padded_batch_size=bad,
+        )
+
+
+def test_padded_batches_refuse_batch_memory_manager_and_fixed_batches():
+    data = TensorDataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+    model = nn.Linear(3, 2)
+    engine = PrivacyEngine(accountant="rdp")
+    _, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, padded_batch_size=12,
+    )
+    with pytest.raises(ValueError, match="BatchMemoryManager"):
+        BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=4, optimizer=dp_opt)
+    other = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="poisson_sampling=True"):
+        engine.make_private(
+            module=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1), data_loader=DataLoader(data, batch_size=8),
+            noise_multiplier=1.0, max_grad_norm=1.0, padded_batch_size=12, poisson_sampling=False,
         )

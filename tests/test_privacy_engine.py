@@ -37,14 +37,17 @@ def test_one_step_with_zero_noise_is_clip_sum_divide(reduction):
     before = _params(model)
     engine = PrivacyEngine(accountant="rdp")
     module, dp_opt, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.5,
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.5,
         loss_reduction=reduction, noise_generator=torch.Generator().manual_seed(3),
     )
     x, y = next(iter(dp_loader))
     assert 0 < len(x) < N
+    per_sample = microbatch_per_sample_grads(reference, x, y)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_sample.values()))
+    assert (norms < 1.5).any() and (norms > 1.5).any()  # clipped and unclipped samples: a wrong scale shows
     F.cross_entropy(module(x), y, reduction=reduction).backward()
     dp_opt.step()
-    expected = clipped_sum(microbatch_per_sample_grads(reference, x, y), 0.5)
+    expected = clipped_sum(per_sample, 1.5)
     divisor = dp_opt.expected_batch_size if reduction == "mean" else 1
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - expected[n] / divisor, rtol=1e-5, atol=1e-6)

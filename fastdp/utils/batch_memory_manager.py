@@ -63,6 +63,11 @@ class BatchMemoryManager:
             raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
         if not hasattr(optimizer, "signal_skip_step"):
             raise ValueError("optimizer must be a fastdp DPOptimizer (from PrivacyEngine.make_private)")
+        if getattr(data_loader, "padded_batch_size", None) is not None:
+            raise ValueError(
+                "data_loader pads every batch to padded_batch_size, which BatchMemoryManager's physical chunks "
+                "would undo; use one or the other (padded batches are for fixed shapes, not for memory)"
+            )
         self.data_loader = data_loader
         self.max_physical_batch_size = max_physical_batch_size
         self.optimizer = optimizer
