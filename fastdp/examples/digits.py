@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     model = small_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.5)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
-    engine = PrivacyEngine(accountant="rdp")
+    engine = PrivacyEngine(accountant="prv")
     model, optimizer, loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
         target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
