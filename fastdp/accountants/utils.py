@@ -10,6 +10,7 @@ from .registry import create_accountant
 from .validation import check_delta, check_epsilon, check_sample_rate, check_steps
 
 MAX_SIGMA = 1e6
+SIGMA_RESOLUTION = 1e-4  # the bisection stops once σ is known to this absolute precision
 
 
 def steps_from_epochs(*, epochs: Optional[float], steps: Optional[int], sample_rate: float) -> int:
@@ -38,7 +39,9 @@ def get_noise_multiplier(
 
     Bisection on σ that only ever moves its upper end to a σ whose ε was computed
     and found below the target, so the returned σ never overshoots the budget
-    under the chosen accountant. ``kwargs`` go to that accountant's ``get_epsilon``
+    under the chosen accountant. It stops when ε is within ``epsilon_tolerance``
+    below the target or σ is known to ``SIGMA_RESOLUTION`` (ε can stay flat, e.g.
+    at 0 when δ ≥ q for a single step, all the way down to σ = 0). ``kwargs`` go to that accountant's ``get_epsilon``
     (e.g. ``eps_error`` for PRV).
     """
     target_epsilon = check_epsilon(target_epsilon)
@@ -64,7 +67,7 @@ def get_noise_multiplier(
                 "raise the budget or lower the number of steps"
             )
         eps_high = epsilon(sigma_high)
-    while target_epsilon - eps_high > epsilon_tolerance:
+    while target_epsilon - eps_high > epsilon_tolerance and sigma_high - sigma_low > SIGMA_RESOLUTION:
         sigma = (sigma_low + sigma_high) / 2
         eps = epsilon(sigma)
         if eps < target_epsilon:
