@@ -115,6 +115,16 @@ def test_single_step_is_exact_on_the_lattice_and_pessimistic_between(sigma, q):
         assert exact - 1e-14 <= acc.get_delta(epsilon) <= exact * (1 + 1e-4) + 1e-14
 
 
+@pytest.mark.parametrize("sigma, q", [(0.5, 0.01), (1.0, 0.1), (2.0, 0.5), (0.8, 0.9), (0.3, 0.001)])
+def test_rdp_also_bounds_the_reversed_pair(sigma, q):
+    """The FFT windows rely on D_α(μ0‖M) ≤ D_α(M‖μ0) (Mironov, Talwar, Zhang 2019): check by quadrature."""
+    rdp = pl.history_rdp([(sigma, q, 1)])
+    for order in (2, 4, 8, 16, 32):
+        integrand = lambda x: stats.norm.pdf(x) * np.exp(-(order - 1) * remove_loss(x, sigma, q))
+        reversed_rdp = math.log(integrate.quad(integrand, -40, 40 + 40 / sigma, limit=500, epsrel=1e-12)[0]) / (order - 1)
+        assert reversed_rdp <= rdp[list(pl.WINDOW_ORDERS).index(order)] * (1 + 1e-9)
+
+
 # ---------------------------------------------------------------- composition
 
 

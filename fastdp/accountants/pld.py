@@ -15,9 +15,11 @@ class PLDAccountant(IAccountant):
 
     Each step is discretised by connect-the-dots on a lattice of spacing
     ``value_discretization_interval`` (Doroshenko et al. 2022), which makes the
-    result an upper bound on the true privacy curve while staying within about
-    steps·interval²/8 of it, far tighter than rounding losses up. Both directions
-    of add-or-remove adjacency are composed and the worse one is reported.
+    result an upper bound on the true privacy curve whose mean loss is off by at
+    most steps·interval²/8, far tighter than rounding losses up. (It is looser
+    when one step's loss spreads over less than an interval, e.g. q ≲ 1e-4 at
+    the default interval, as in dp_accounting.) Both directions of
+    add-or-remove adjacency are composed and the worse one is reported.
     """
 
     def __init__(self, value_discretization_interval: float = 1e-4):

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -138,37 +138,50 @@ def loss_sf(t, sigma: float, q: float, direction: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Run:
+    """Point masses at the lattice points first + stride·j, j = 0, 1, ..."""
+
+    first: int
+    stride: int
+    masses: np.ndarray
+
+    def offsets(self, origin: int) -> np.ndarray:
+        """The points' lattice indices counted from ``origin``."""
+        return self.first - origin + self.stride * np.arange(len(self.masses))
+
+
+@dataclass(frozen=True)
 class LatticeLoss:
     """A privacy-loss distribution on the lattice interval·Z.
 
-    ``pmf[i]`` is the mass at (start + i)·interval; ``sparse_mass[j]`` the mass at
-    ``sparse_index[j]``·interval (lattice points outside that dense run, where a
-    coarser mesh was used); ``infinity_mass`` the mass at +∞. The summaries that
-    composition needs are computed once, here.
+    ``pmf[i]`` is the mass at (start + i)·interval; ``tails`` hold the masses at
+    the ends of the support where a coarser mesh was used (strided runs);
+    ``infinity_mass`` is the mass at +∞. The summaries that composition needs
+    are computed once, here.
     """
 
     interval: float
     start: int
     pmf: np.ndarray
     infinity_mass: float
-    sparse_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    sparse_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tails: Tuple[Run, ...] = ()
+
+    def runs(self) -> Tuple[Run, ...]:
+        return (Run(self.start, 1, self.pmf),) + self.tails
 
     def __post_init__(self):
-        for array in (self.pmf, self.sparse_index, self.sparse_mass):
-            array.setflags(write=False)
-        sparse_total = float(self.sparse_mass.sum())
-        mass = float(self.pmf.sum()) + sparse_total
+        for run in self.runs():
+            run.masses.setflags(write=False)
+        tails_total = sum(float(run.masses.sum()) for run in self.tails)
+        mass = float(self.pmf.sum()) + tails_total
         tv1, tv2 = _total_variations(self.pmf)
         # A lone point mass p adds 2p and 4p: an upper bound on the joint variation.
-        tv1, tv2 = tv1 + 2 * sparse_total, tv2 + 4 * sparse_total
+        tv1, tv2 = tv1 + 2 * tails_total, tv2 + 4 * tails_total
         # Mean and variance in lattice units, counted from ``start``.
-        dense_offsets = np.arange(len(self.pmf), dtype=float)
-        sparse_offsets = (self.sparse_index - self.start).astype(float)
-        mean = (np.dot(dense_offsets, self.pmf) + np.dot(sparse_offsets, self.sparse_mass)) / mass if mass > 0 else 0.0
-        dense_offsets -= mean
-        sparse_offsets -= mean
-        variance = (np.dot(dense_offsets**2, self.pmf) + np.dot(sparse_offsets**2, self.sparse_mass)) / mass if mass > 0 else 0.0
+        offsets = [run.offsets(self.start).astype(float) for run in self.runs()]
+        masses = [run.masses for run in self.runs()]
+        mean = sum(np.dot(o, m) for o, m in zip(offsets, masses)) / mass if mass > 0 else 0.0
+        variance = sum(np.dot((o - mean) ** 2, m) for o, m in zip(offsets, masses)) / mass if mass > 0 else 0.0
         for name, value in (("mass", mass), ("tv1", tv1), ("tv2", tv2), ("mean", mean), ("variance", variance)):
             object.__setattr__(self, name, float(value))
         object.__setattr__(self, "center", int(round(mean)))
@@ -330,7 +343,7 @@ STEP_CACHE_LIMIT_BYTES = 256 * 2**20
 
 
 def _nbytes(step: LatticeLoss) -> int:
-    return step.pmf.nbytes + step.sparse_index.nbytes + step.sparse_mass.nbytes
+    return sum(run.masses.nbytes for run in step.runs())
 
 
 def discretize_step(
@@ -390,16 +403,13 @@ def _discretize_step(
 
 
 def _lattice_loss(interval: float, index: np.ndarray, masses: np.ndarray, dense: slice, infinity_mass: float) -> LatticeLoss:
-    """Point masses at ascending lattice ``index`` → a LatticeLoss with ``dense`` as its consecutive run."""
-    outside = np.r_[0 : dense.start, dense.stop : len(index)]
-    return LatticeLoss(
-        interval,
-        int(index[dense.start]),
-        np.ascontiguousarray(masses[dense]),
-        float(infinity_mass),
-        sparse_index=index[outside],
-        sparse_mass=masses[outside],
+    """Point masses at ascending lattice ``index``: consecutive in ``dense``, evenly spaced on either side."""
+    tails = tuple(
+        Run(int(index[part][0]), int(index[part][1] - index[part][0]) if len(index[part]) > 1 else 1, masses[part])
+        for part in (slice(0, dense.start), slice(dense.stop, len(index)))
+        if len(index[part])
     )
+    return LatticeLoss(interval, int(index[dense.start]), np.ascontiguousarray(masses[dense]), float(infinity_mass), tails)
 
 
 # ----------------------------------------------------------------------------
@@ -462,9 +472,9 @@ def _exact_log_mgf(steps: Sequence[Tuple[LatticeLoss, int]], s: float) -> float:
     """log E[e^(s·Ŝ); Ŝ finite] for the composition of the lattice steps, exactly."""
     total = 0.0
     for step, count in steps:
-        values = np.concatenate((step.start + np.arange(len(step.pmf)), step.sparse_index)) * step.interval
-        masses = np.concatenate((step.pmf, step.sparse_mass))
-        shift = s * (values[-1] if s > 0 else values[0])  # the largest s·v: no overflow
+        values = np.concatenate([run.offsets(0) for run in step.runs()]) * step.interval
+        masses = np.concatenate([run.masses for run in step.runs()])
+        shift = s * (values.max() if s > 0 else values.min())  # the largest s·v: no overflow
         total += count * (shift + math.log(np.dot(masses, np.exp(s * values - shift))))
     return total
 
@@ -570,9 +580,9 @@ def _phase(integer_offset: int, bins: np.ndarray, period: int) -> np.ndarray:
 def _centered_spectrum_fft(step: LatticeLoss, n: int) -> np.ndarray:
     """Σ_c p_c e^(-2πi(c - center)l/n) for l = 0..n/2 (c counted from ``start``), by a real FFT of length n."""
     pmf = step.pmf
-    if len(pmf) > n or len(step.sparse_mass):  # fold: the transform only sees the lattice modulo n
-        positions = np.concatenate((np.arange(len(pmf)), step.sparse_index - step.start)) % n
-        pmf = np.bincount(positions, weights=np.concatenate((pmf, step.sparse_mass)), minlength=n)
+    if len(pmf) > n or step.tails:  # fold: the transform only sees the lattice modulo n
+        positions = np.concatenate([run.offsets(step.start) for run in step.runs()]) % n
+        pmf = np.bincount(positions, weights=np.concatenate([run.masses for run in step.runs()]), minlength=n)
     spectrum = sp_fft.rfft(pmf, n)
     bins = np.arange(len(spectrum), dtype=np.int64)
     return spectrum * np.exp(1j * _phase(step.center, bins, n))
@@ -598,6 +608,33 @@ def _taylor_coefficients(blocks: int, bins: int, terms: int) -> np.ndarray:
     return coefficients
 
 
+def _run_block_moments(run: Run, origin: int, block_len: int, blocks: int, terms: int) -> np.ndarray:
+    """Σ over the run's points in block B of mass·x^r, r < terms, folded onto B mod blocks: (terms, blocks).
+
+    Blocks are [B·R, (B+1)·R) counted from ``origin``, with R = block_len a multiple
+    of the stride, so every block sees the run's points at the same offsets x
+    (from the block centre, in units of R/2) and the sums are matrix products.
+    """
+    offset, stride, masses = run.first - origin, run.stride, run.masses
+    phase = offset % stride  # the run's points sit at phase + stride·j within every block
+    slots = block_len // stride
+    first_block = offset // block_len
+    first_slot = (offset - first_block * block_len - phase) // stride
+    x_of_slot = lambda slot: (phase + stride * slot - (block_len - 1) / 2) / (block_len / 2)
+    if first_slot + len(masses) <= slots:  # within one block: no padding to the block length
+        moments = _power_sums(masses[None, :], x_of_slot(first_slot + np.arange(len(masses))), terms)
+    else:
+        n_blocks = -(-(first_slot + len(masses)) // slots)
+        padded = np.zeros(n_blocks * slots)
+        padded[first_slot : first_slot + len(masses)] = masses
+        moments = _power_sums(padded.reshape(n_blocks, slots), x_of_slot(np.arange(slots)), terms)
+    folded = np.zeros((terms, blocks))
+    columns = (first_block + np.arange(moments.shape[1])) % blocks
+    for chunk in range(0, moments.shape[1], blocks):  # distinct columns within a chunk
+        folded[:, columns[chunk : chunk + blocks]] += moments[:, chunk : chunk + blocks]
+    return folded
+
+
 def _centered_spectrum_blocks(step: LatticeLoss, n: int, blocks: int, coefficients: np.ndarray) -> np.ndarray:
     """The same coefficients for l = 0..bins only, from block moments (n = R·blocks).
 
@@ -608,29 +645,7 @@ def _centered_spectrum_blocks(step: LatticeLoss, n: int, blocks: int, coefficien
     """
     terms, n_bins = coefficients.shape
     block_len = n // blocks
-    pmf = step.pmf
-    n_blocks = -(-len(pmf) // block_len)
-    if n_blocks == 1:  # one (partial) block: no padding to the block length
-        values = pmf[None, :]
-        x = (np.arange(len(pmf)) - (block_len - 1) / 2) / (block_len / 2)
-    else:
-        values = np.zeros(n_blocks * block_len)
-        values[: len(pmf)] = pmf
-        values = values.reshape(n_blocks, block_len)
-        x = (np.arange(block_len) - (block_len - 1) / 2) / (block_len / 2)
-    moments = np.zeros((terms, blocks))  # block B folded onto B mod blocks: the transform is periodic in B
-    dense = _power_sums(values, x, terms)
-    for first in range(0, n_blocks, blocks):
-        part = dense[:, first : first + blocks]
-        moments[:, : part.shape[1]] += part
-    if len(step.sparse_mass):
-        positions = step.sparse_index - step.start
-        block = positions // block_len
-        x = (positions - block * block_len - (block_len - 1) / 2) / (block_len / 2)
-        weights = step.sparse_mass.copy()
-        for r in range(terms):
-            moments[r] += np.bincount(block % blocks, weights=weights, minlength=blocks)
-            weights *= x
+    moments = sum(_run_block_moments(run, step.start, block_len, blocks, terms) for run in step.runs())
     block_sums = sp_fft.rfft(moments, blocks, axis=1)[:, :n_bins]
     spectrum = np.einsum("rl,rl->l", coefficients, block_sums)
     # Block B is centred at B·R + (R-1)/2; shift to the step's centre point.
@@ -798,26 +813,25 @@ class LatticeTooFine(ValueError):
 def _tilted(step: LatticeLoss, tilt: float) -> Tuple[LatticeLoss, float]:
     """The step's finite part reweighted by e^(tilt·v) and normalised, and log Σ p·e^(tilt·v)."""
     h = step.interval
-    dense_log = (tilt * h) * (np.arange(len(step.pmf)) - step.center)
-    sparse_log = (tilt * h) * (step.sparse_index - step.start - step.center)
-    shift = max(dense_log[-1], sparse_log.max(initial=-np.inf))
-    dense = step.pmf * np.exp(dense_log - shift)
-    sparse = step.sparse_mass * np.exp(sparse_log - shift)
-    total = dense.sum() + sparse.sum()
-    tilted = LatticeLoss(h, step.start, dense / total, 0.0, step.sparse_index, sparse / total)
+    logs = [(tilt * h) * (run.offsets(step.start) - step.center) for run in step.runs()]
+    shift = max(float(log[-1]) for log in logs)  # the largest weight is 1: no overflow
+    weighted = [run.masses * np.exp(log - shift) for run, log in zip(step.runs(), logs)]
+    total = sum(float(w.sum()) for w in weighted)
+    tails = tuple(Run(run.first, run.stride, w / total) for run, w in zip(step.tails, weighted[1:]))
+    tilted = LatticeLoss(h, step.start, weighted[0] / total, 0.0, tails)
     return tilted, tilt * h * (step.start + step.center) + shift + math.log(total)
 
 
 def _single_step(step: LatticeLoss, infinity_mass: float) -> ComposedLoss:
-    """One step as a ComposedLoss: its own pmf on its own support (sparse points filled in)."""
-    start = min(step.start, int(step.sparse_index.min(initial=step.start)))
-    stop = max(step.start + len(step.pmf), int(step.sparse_index.max(initial=start)) + 1)
-    pmf = np.zeros(stop - start)
-    pmf[step.start - start : step.start - start + len(step.pmf)] = step.pmf
-    pmf[step.sparse_index - start] = step.sparse_mass
+    """One step as a ComposedLoss: its own pmf on its own support (tails filled in)."""
+    offsets = [run.offsets(step.start) for run in step.runs()]
+    low = min(int(o.min()) for o in offsets)
+    pmf = np.zeros(max(int(o.max()) for o in offsets) - low + 1)
+    for o, run in zip(offsets, step.runs()):
+        pmf[o - low] = run.masses
     h = step.interval
     mean, std = h * (step.start + step.mean), h * math.sqrt(step.variance)
-    return ComposedLoss(h, start, len(pmf), infinity_mass, mean=mean, std=std, pmf=pmf)
+    return ComposedLoss(h, step.start + low, len(pmf), infinity_mass, mean=mean, std=std, pmf=pmf)
 
 
 def compose(
@@ -853,7 +867,8 @@ def compose(
     bins = math.ceil(omega * needed * h / (2 * np.pi)) if math.isfinite(omega) else needed
     if 32 * (bins + 1) <= needed:
         blocks = sp_fft.next_fast_len(2 * (bins + 1), real=True)
-        size = blocks * -(-needed // blocks)
+        stride = math.lcm(*(run.stride for step, _ in steps for run in step.runs()))
+        size = blocks * stride * -(-needed // (blocks * stride))  # blocks hold whole strides
         bins = min(math.ceil(omega * size * h / (2 * np.pi)), blocks // 2)
         if bins > _MAX_BINS:
             raise LatticeTooFine("too many Fourier coefficients")
