@@ -33,6 +33,9 @@ DEFAULT_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 # singularities at Im x = πσ². _LOG_TARGET = 55 puts that error near 1e-24.
 _LOG_TARGET = 55.0
 _TAIL_SIGMAS = 12.0  # integrate over [-12σ, max(α, 1) + 12σ]: both Gaussian bumps
+# The step shrinks like σ² for small σ; beyond this many grid points fractional orders use the
+# convexity bound below instead (only at σ ≲ 0.05, where ε is in the hundreds anyway).
+MAX_QUADRATURE_POINTS = 1 << 16
 
 
 def _log_a_integer(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
@@ -48,10 +51,30 @@ def _log_a_integer(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, log_a_minus_1)
 
 
-def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_α for any real α > 1 by the trapezoidal rule (see the module docstring)."""
+def _quadrature_grid(sigma: float, alphas: np.ndarray) -> tuple:
+    """(step, number of points) of the trapezoid for these orders."""
     c = min(0.9 * math.pi * sigma, math.sqrt(2 * _LOG_TARGET))
     h = 2 * math.pi * c * sigma / (_LOG_TARGET + c * c / 2)
+    return h, (max(alphas.max(), 1.0) + 2 * _TAIL_SIGMAS * sigma) / h
+
+
+def _log_a_convex_bound(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """An upper bound on log A_α: log A_α is convex in α (a log-moment), with log A_1 = 0, so it lies
+    below the chord between the neighbouring integer orders, which are computed exactly."""
+    low = np.floor(alphas)
+    ints = np.unique(np.concatenate([low, low + 1]))
+    log_a_int = dict(zip(ints, np.concatenate([[0.0] if ints[0] == 1 else [], _log_a_integer(q, sigma, ints[ints > 1])])))
+    below = np.array([log_a_int[a] for a in low])
+    above = np.array([log_a_int[a] for a in low + 1])
+    return below + (alphas - low) * (above - below)
+
+
+def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    """log A_α for any real α > 1 by the trapezoidal rule (see the module docstring); for tiny σ,
+    where the grid would be too fine, the (valid, slightly larger) convexity bound."""
+    h, points = _quadrature_grid(sigma, alphas)
+    if points > MAX_QUADRATURE_POINTS:
+        return _log_a_convex_bound(q, sigma, alphas)
     x = np.arange(-_TAIL_SIGMAS * sigma, max(alphas.max(), 1.0) + _TAIL_SIGMAS * sigma + h, h)
     log_l = (2 * x - 1) / (2 * sigma**2)
     log_weight = -x * x / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi)) + math.log(h)
