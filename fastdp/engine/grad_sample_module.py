@@ -88,7 +88,6 @@ class GradSampleModule(nn.Module):
         self.skipped_samples = 0  # samples dropped for a non-finite gradient norm
         self._calls: List[ModuleCall] = []
         self._retained_step: Optional[_BackwardStep] = None
-        self._norm_sq_by_param: Dict[int, torch.Tensor] = {}
         self._finish_queued = False
         self._capturing = True
         self._unroutes = []
@@ -172,9 +171,8 @@ class GradSampleModule(nn.Module):
         for call in calls:
             self._batch_first(call)
         step = _BackwardStep(calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean")
-        self._norm_sq_by_param = step.norm_sq_by_param()
         total = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
-        for norm_sq in self._norm_sq_by_param.values():
+        for norm_sq in step.norm_sq.values():
             total += norm_sq
         self.per_sample_norms = total.sqrt()
         if self.mode != "bk":
@@ -184,14 +182,14 @@ class GradSampleModule(nn.Module):
         if self.clipping is None:
             self._retained_step = step
             return
-        self._accumulate(step, self.clipping.factors_by_param(self._norm_sq_by_param, self.per_sample_norms))
+        self._accumulate(step, self.clipping.factors_by_param(step.norm_sq, self.per_sample_norms))
 
     def accumulate_clipped_grads(self, clip_factors: torch.Tensor) -> None:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for the last backward (only when no ``clipping`` is set)."""
         if self._retained_step is None:
             raise ValueError("no backward to clip: call loss.backward() first (with no clipping policy set)")
         step, self._retained_step = self._retained_step, None
-        self._accumulate(step, {key: clip_factors for key in self._norm_sq_by_param})
+        self._accumulate(step, {key: clip_factors for key in step.norm_sq})
 
     def _accumulate(self, step: "_BackwardStep", factors: Dict[int, torch.Tensor]) -> None:
         bad = ~torch.isfinite(self.per_sample_norms)
@@ -213,7 +211,8 @@ class _BackwardStep:
     A parameter used by several calls (weight tying, a module called twice) has the sum over its
     uses as per-sample gradient, whose norm is not the sum of the parts' norms: its per-sample
     gradients are materialised and summed (exact; no use is ever dropped). In "hooks" and
-    "functorch" modes every parameter is materialised.
+    "functorch" modes every parameter is materialised, and in any mode where the rule finds
+    that cheaper (``LayerRule.prefers_grad_sample``).
     """
 
     def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool):
@@ -238,8 +237,9 @@ class _BackwardStep:
                 if id(param) in self.materialised:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
+        self.norm_sq = self._norm_sq_by_param()
 
-    def norm_sq_by_param(self) -> Dict[int, torch.Tensor]:
+    def _norm_sq_by_param(self) -> Dict[int, torch.Tensor]:
         """id(p) → each sample's squared gradient norm for p, ``[B]`` float32."""
         norm_sq = {}
         for call in self.rule_calls:

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from ..accountants.validation import check_noise_multiplier
 from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
+from ..engine.grad_sample_module import check_loss_reduction
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic", "adaptive")
 
@@ -84,8 +85,7 @@ class DPOptimizer(Optimizer):
         clipping: str = "flat",
         **clipping_kwargs,
     ):
-        if loss_reduction not in ("sum", "mean"):
-            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        loss_reduction = check_loss_reduction(loss_reduction)
         if loss_reduction == "mean" and (expected_batch_size is None or expected_batch_size <= 0):
             raise ValueError(f"expected_batch_size must be > 0 with loss_reduction='mean', got {expected_batch_size!r}")
         if secure_mode:

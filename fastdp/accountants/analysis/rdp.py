@@ -61,11 +61,10 @@ def _quadrature_grid(sigma: float, alphas: np.ndarray) -> tuple:
 def _log_a_convex_bound(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """An upper bound on log A_α: log A_α is convex in α (a log-moment), with log A_1 = 0, so it lies
     below the chord between the neighbouring integer orders, which are computed exactly."""
-    low = np.floor(alphas)
-    ints = np.unique(np.concatenate([low, low + 1]))
-    log_a_int = dict(zip(ints, np.concatenate([[0.0] if ints[0] == 1 else [], _log_a_integer(q, sigma, ints[ints > 1])])))
-    below = np.array([log_a_int[a] for a in low])
-    above = np.array([log_a_int[a] for a in low + 1])
+    low = np.floor(alphas).astype(int)
+    orders = np.arange(2, low.max() + 2, dtype=float)
+    log_a = np.concatenate([[0.0], _log_a_integer(q, sigma, orders)])  # log_a[k - 1] = log A_k
+    below, above = log_a[low - 1], log_a[low]
     return below + (alphas - low) * (above - below)
 
 
