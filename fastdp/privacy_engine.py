@@ -23,6 +23,7 @@ from .engine.clipping import check_max_grad_norm
 from .engine.grad_sample_module import GradSampleModule, check_loss_reduction, check_mode
 from .optimizers import DPOptimizer
 from .validators import ModuleValidator
+from .utils.secure_random import SecureRandom
 
 
 class _PassThroughCriterion(nn.Module):
@@ -38,10 +39,11 @@ class _PassThroughCriterion(nn.Module):
 
 class PrivacyEngine:
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
-        if secure_mode:
-            raise NotImplementedError("secure_mode (CSPRNG noise and sampling) is not implemented yet; use secure_mode=False")
+        """``secure_mode=True``: Poisson sampling and noise draw from the OS CSPRNG
+        (``fastdp.utils.secure_random``) instead of torch's generator; slower, unseedable."""
         self.accountant = create_accountant(accountant)
-        self.secure_mode = secure_mode
+        self.secure_mode = bool(secure_mode)
+        self.secure_rng = SecureRandom() if self.secure_mode else None
 
     # -- compatibility helpers ------------------------------------------------------------------
     @staticmethod
@@ -112,6 +114,13 @@ class PrivacyEngine:
     def _wire(self, module, optimizer, data_loader, *, noise_multiplier, max_grad_norm, loss_reduction,
               poisson_sampling, clipping, noise_generator, ghost, criterion, padded_batch_size, clipping_kwargs):
         """Loader, optimizer and accountant around an already wrapped module."""
+        if self.secure_mode:
+            if noise_generator is not None:
+                raise ValueError(
+                    "noise_generator is not allowed with secure_mode=True (a seeded generator makes the noise "
+                    "predictable); drop it, or use PrivacyEngine(secure_mode=False) for reproducible runs"
+                )
+            noise_generator = self.secure_rng
         if poisson_sampling:
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=noise_generator, padded_batch_size=padded_batch_size

@@ -14,6 +14,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..accountants.validation import check_delta, check_sample_rate
 from .samplers import UniformWithReplacementSampler
+from ..utils.secure_random import SecureRandom
 
 
 def _map_samples(batch: Any, on_tensor: Callable, on_values: Callable, path: str = "batch") -> Any:
@@ -221,7 +222,7 @@ class DPDataLoader(DataLoader):
             collate_fn=CollateWithEmptyBatches(
                 default_collate if collate_fn is None else collate_fn, dataset[0], padded_batch_size
             ),
-            generator=generator,
+            generator=None if isinstance(generator, SecureRandom) else generator,  # workers' seeds only
             **kwargs,
         )
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..accountants.validation import check_sample_rate
+from ..utils.secure_random import uniform
 
 
 class UniformWithReplacementSampler(Sampler[List[int]]):
@@ -45,5 +46,5 @@ class UniformWithReplacementSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.steps):
-            included = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            included = uniform(self.num_samples, self.generator) < self.sample_rate
             yield included.nonzero().view(-1).tolist()

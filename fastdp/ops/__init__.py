@@ -11,10 +11,14 @@ the torch reference.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import logging
 import os
 from typing import Callable, Dict
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "triton", "cuda")
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
@@ -43,9 +47,35 @@ def _first_tensor(args):
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
+_kernels_loaded = False
+
+
+def load_kernels() -> None:
+    """Import the kernel packages once; each kernel module registers itself on import.
+
+    Triton kernels (``fastdp.kernels``) load when triton is installed; the CUDA
+    extension registers its ops from ``fastdp.csrc`` when it can be built or loaded.
+    Called on first need (a CUDA tensor, or FASTDP_BACKEND=triton|cuda), so CPU
+    users never pay for the import.
+    """
+    global _kernels_loaded
+    if _kernels_loaded:
+        return
+    _kernels_loaded = True
+    if importlib.util.find_spec("triton") is None:
+        logger.info("fastdp: triton is not installed; ops run their torch references")
+    else:
+        importlib.import_module("fastdp.kernels")
+    if importlib.util.find_spec("fastdp.csrc") is not None:
+        importlib.import_module("fastdp.csrc")
+
+
 def select_impl(name: str, *args) -> Callable:
     impls = _IMPLS[name]
     forced = requested_backend()
+    tensor = _first_tensor(args)
+    if forced not in (None, "torch") or (tensor is not None and tensor.is_cuda):
+        load_kernels()
     if forced is not None:
         if forced not in impls:
             raise ValueError(
@@ -53,7 +83,6 @@ def select_impl(name: str, *args) -> Callable:
                 f"available: {sorted(impls)} (unset FASTDP_BACKEND for automatic choice)"
             )
         return impls[forced]
-    tensor = _first_tensor(args)
     if tensor is not None and tensor.is_cuda:
         for backend in ("cuda", "triton"):
             if backend in impls:
@@ -83,4 +112,5 @@ def uses_torch_reference(name: str, *args) -> bool:
 
 
 def available_impls(name: str) -> Dict[str, Callable]:
+    load_kernels()
     return dict(_IMPLS[name])

@@ -18,6 +18,8 @@ from torch.optim import Optimizer
 from ..accountants.validation import check_noise_multiplier
 from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
 from ..engine.grad_sample_module import check_loss_reduction
+from ..ops.noise import add_noise_and_scale
+from ..utils.secure_random import SecureRandom, normal
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic", "adaptive")
 
@@ -53,7 +55,7 @@ class AdaptiveClipping(FlatClipping):
 
     def update(self, expected_batch_size: float, generator=None) -> None:
         count = float(self.centred_count)
-        noise = float(torch.normal(0.0, float(self.unclipped_num_std), (1,), generator=generator))
+        noise = float(normal(1, generator)) * float(self.unclipped_num_std)
         fraction = (count + noise) / expected_batch_size + 0.5
         bound = self.max_grad_norm * math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
         self.max_grad_norm = min(max(bound, self.min_clipbound), self.max_clipbound)
@@ -88,8 +90,13 @@ class DPOptimizer(Optimizer):
         loss_reduction = check_loss_reduction(loss_reduction)
         if loss_reduction == "mean" and (expected_batch_size is None or expected_batch_size <= 0):
             raise ValueError(f"expected_batch_size must be > 0 with loss_reduction='mean', got {expected_batch_size!r}")
+        if secure_mode and generator is not None and not isinstance(generator, SecureRandom):
+            raise ValueError(
+                "secure_mode=True draws noise from the OS CSPRNG; a torch generator would make it predictable "
+                "(drop generator=, or use secure_mode=False for reproducible runs)"
+            )
         if secure_mode:
-            raise NotImplementedError("secure_mode (CSPRNG noise) is not implemented yet; use secure_mode=False")
+            generator = SecureRandom()
         self.original_optimizer = optimizer
         self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.expected_batch_size = expected_batch_size
@@ -207,28 +214,39 @@ class DPOptimizer(Optimizer):
                     "backward), or split large batches with fastdp.BatchMemoryManager"
                 )
 
-    def add_noise(self) -> None:
-        """p.grad += N(0, σ²C²), one draw for all parameters (one flat buffer)."""
+    def _noise_and_scale(self, *, noise: bool, scale: bool) -> None:
+        """One pass over all summed gradients: p.grad ← (p.grad + N(0, σ²C²)) / expected batch size.
+
+        The gradients are gathered into one flat float32 buffer so the noise is one draw
+        (one fused kernel on GPU); fp32 parameters then hold views into it. A parameter no
+        sample reached (or an empty batch) gets a zero gradient: noise still goes in.
+        """
         params = self.params
-        for p in params:
-            if p.grad is None:  # an empty batch, or a parameter no sample reached: noise still goes in
-                p.grad = torch.zeros_like(p)
-        sigma = self.gradient_noise_multiplier
-        if not params or sigma == 0:
+        if not params:
             return
-        std = sigma * self.max_grad_norm
-        device, dtype = params[0].grad.device, torch.float32
-        noise = torch.randn(sum(p.numel() for p in params), generator=self.generator, device=device, dtype=dtype)
+        std = self.gradient_noise_multiplier * self.max_grad_norm if noise else 0.0
+        factor = 1.0 / self.expected_batch_size if scale and self.loss_reduction == "mean" else 1.0
+        device = params[0].device
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device=device, dtype=torch.float32)
+            for p in params
+        ])
+        if self.secure_mode and std != 0:
+            flat.add_(normal(flat.numel(), self.generator, device=device), alpha=std)
+            std = 0.0
+        add_noise_and_scale(flat, std, factor, self.generator)
         offset = 0
         for p in params:
-            n = p.numel()
-            p.grad.add_(noise[offset : offset + n].view_as(p.grad).to(device=p.grad.device, dtype=p.grad.dtype), alpha=std)
-            offset += n
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += p.numel()
+
+    def add_noise(self) -> None:
+        """p.grad += N(0, σ²C²), one draw for all parameters (one flat buffer)."""
+        self._noise_and_scale(noise=True, scale=False)
 
     def scale_grad(self) -> None:
-        if self.loss_reduction == "mean":
-            for p in self.params:
-                p.grad.div_(self.expected_batch_size)
+        """p.grad /= expected batch size (loss_reduction="mean")."""
+        self._noise_and_scale(noise=False, scale=True)
 
     def pre_step(self) -> bool:
         """Noise and scale; False when this is a virtual (skipped) step."""
@@ -237,8 +255,7 @@ class DPOptimizer(Optimizer):
             self._skip_next = False
             self._skipped_steps += 1
             return False
-        self.add_noise()
-        self.scale_grad()
+        self._noise_and_scale(noise=True, scale=True)
         if self.step_hook is not None:
             self.step_hook(self)
         if isinstance(self.clipping_policy, AdaptiveClipping):
