@@ -17,9 +17,10 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import op
-from .linear import batch_chunks, linear_grad_sample, linear_weight_norm_sq
+from .linear import batch_chunks, linear_weight_norm_sq
 
 
 def unfold(
@@ -81,7 +82,21 @@ def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int
 
 @op("conv_weight_grad_sample")
 def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Per-sample weight gradients [B, C_out, C_in/groups, *kernel_size]."""
-    a, g_rows = _grouped_sequence_view(x, g, kernel_size, stride, dilation, groups)
-    per_group = linear_grad_sample(a, g_rows)  # [B·G, C_out/G, d]
-    return per_group.reshape(g.shape[0], g.shape[1], x.shape[1] // groups, *kernel_size)
+    """Per-sample weight gradients [B, C_out, C_in/groups, *kernel_size], with no unfold.
+
+    grad_b[o, c, k] = sum_l g[b, o, l] · x[b, c, l·stride + k·dilation] is itself a convolution:
+    of x with the output gradient as the kernel, each (sample, group) its own group, with the
+    roles of stride and dilation swapped. oneDNN/cuDNN run it without the [B, L, C·k] patches.
+    """
+    batch, in_channels = x.shape[:2]
+    out_channels, ndim = g.shape[1], len(kernel_size)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
+    in_per_group = in_channels // groups
+    if batch == 0:
+        return g.new_zeros(0, out_channels, in_per_group, *kernel_size)
+    # input: [C_in/G, B·G, *S] (the channel within a group plays the batch), kernel: [B·C_out, 1, *L]
+    inputs = x.reshape(batch * groups, in_per_group, *x.shape[2:]).transpose(0, 1)
+    kernels = g.reshape(batch * out_channels, 1, *g.shape[2:])
+    out = conv(inputs, kernels, stride=tuple(dilation), dilation=tuple(stride), groups=batch * groups)
+    out = out[(Ellipsis, *(slice(0, size) for size in kernel_size))]  # inputs past the last window
+    return out.reshape(in_per_group, batch, out_channels, *kernel_size).movedim(0, 2)
