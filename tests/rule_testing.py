@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import pytest
 import torch
@@ -44,6 +44,11 @@ def grads_and_scales(module: nn.Module, x: torch.Tensor, grad_output: torch.Tens
     return microbatch_grads(module, x, grad_output), microbatch_grads(module, x.abs(), grad_output.abs())
 
 
+def randint(gen: torch.Generator, low: int, high: int) -> int:
+    """One random int in [low, high) from ``gen`` (seeded sweeps draw their shapes with it)."""
+    return int(torch.randint(low, high, (1,), generator=gen))
+
+
 def check_rule(module: nn.Module, x: torch.Tensor, rtol: float = 1e-5, bilinear: bool = False) -> None:
     """The rule's grad_sample, norm_sq and clipped_grad for a random output gradient match microbatching.
 
@@ -51,28 +56,44 @@ def check_rule(module: nn.Module, x: torch.Tensor, rtol: float = 1e-5, bilinear:
     (see ``grads_and_scales``) every element is compared to ``rtol`` times its sum of absolute
     terms instead, so that random shapes with cancelling terms cannot fail on fp32 rounding.
     """
+    grad_output = torch.randn_like(module(x))
+    scales = microbatch_grads(module, x.abs(), grad_output.abs()) if bilinear else None
+    check_rule_on_samples(module, (x,), split_batch(x), grad_output, rtol=rtol, scales=scales)
+
+
+def check_rule_on_samples(
+    module: nn.Module,
+    inputs: tuple,
+    sample_inputs: Sequence[tuple],
+    grad_output: torch.Tensor,
+    reference: Optional[nn.Module] = None,
+    rtol: float = 1e-5,
+    scales: Optional[Dict[str, torch.Tensor]] = None,
+) -> None:
+    """``check_rule`` with each sample's inputs given by the caller (for inputs that ``split_batch``
+    cannot split, such as EmbeddingBag offsets), optionally microbatching a ``reference`` module (a
+    dense twin of a sparse embedding, whose autograd gradients are sparse), and optionally with
+    elementwise ``scales`` (see ``assert_within``)."""
     rule = get_rule(module)
     rule.check(module)
-    grad_output = torch.randn_like(module(x))
-    if bilinear:
-        expected, scales = grads_and_scales(module, x, grad_output)
-    else:
-        expected, scales = microbatch_grads(module, x, grad_output), None
-    clip_factors = torch.rand(x.shape[0])
+    reference = module if reference is None else reference
+    trainable = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    expected = microbatch_grad_sample(reference, sample_inputs, list(grad_output.split(1)), trainable)
+    clip_factors = torch.rand(grad_output.shape[0])
 
-    def assert_matches(actual, reference, scale):
-        if scales is None:
-            assert_rel_close(actual, reference, rtol)
+    def assert_matches(actual, reference_value, scale):
+        if scale is None:
+            assert_rel_close(actual, reference_value, rtol)
         else:
-            assert_within(actual, reference, scale, rtol)
+            assert_within(actual, reference_value, scale, rtol)
 
-    grad_sample = rule.grad_sample(module, (x,), grad_output)
+    grad_sample = rule.grad_sample(module, inputs, grad_output)
     assert grad_sample.keys() == expected.keys()
     for name, grads in expected.items():
         assert_matches(grad_sample[name], grads, None if scales is None else scales[name])
 
-    norms = rule.norm_sq(module, (x,), grad_output)
-    assert norms.dtype == torch.float32 and norms.shape == (x.shape[0],)
+    norms = rule.norm_sq(module, inputs, grad_output)
+    assert norms.dtype == torch.float32 and norms.shape == (grad_output.shape[0],)
     expected_norms = sum(g.flatten(1).double().square().sum(1) for g in expected.values())
     if scales is None:
         norm_scales = expected_norms
@@ -80,13 +101,25 @@ def check_rule(module: nn.Module, x: torch.Tensor, rtol: float = 1e-5, bilinear:
         norm_scales = sum(s.flatten(1).double().square().sum(1) for s in scales.values())
     assert_within(norms, expected_norms, norm_scales, rtol)
 
-    clipped = rule.clipped_grad(module, (x,), grad_output, clip_factors)
+    clipped = rule.clipped_grad(module, inputs, grad_output, clip_factors)
     assert clipped.keys() == expected.keys()
     for name, grads in expected.items():
-        assert clipped[name].dtype == getattr(module, name).dtype
+        assert clipped[name].dtype == getattr(module, name).dtype and clipped[name].layout == torch.strided
         weighted_sum = torch.einsum("b,b...->...", clip_factors, grads)
         scale = None if scales is None else torch.einsum("b,b...->...", clip_factors, scales[name])
         assert_matches(clipped[name], weighted_sum, scale)
+
+
+def check_low_precision_norms(
+    module: nn.Module, inputs: tuple, grad_output: torch.Tensor, dtype: torch.dtype, rtol: float
+) -> None:
+    """Norms from ``dtype`` floating inputs and output grads are float32 and within ``rtol`` of the float32 norms."""
+    rule = get_rule(module)
+    reference = rule.norm_sq(module, inputs, grad_output)
+    low_inputs = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in inputs)
+    norms = rule.norm_sq(module, low_inputs, grad_output.to(dtype))
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms, reference, rtol=rtol, atol=0)
 
 
 def check_empty_batch(module: nn.Module, x: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastdp.engine.rules import get_rule
 from .microbatch import split_batch
-from .rule_checks import check_low_precision_norms, check_rule_on_samples, randint
+from .rule_testing import check_low_precision_norms, check_rule_on_samples, randint
 from .rule_testing import check_empty_batch, check_rule
 
 #: bf16 rounds each output-grad element by at most 2^-8 relative, so squared norms move by < 2^-7

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastdp.engine.rules import get_rule
-from .rule_checks import check_low_precision_norms, randint
+from .rule_testing import check_low_precision_norms, randint
 from .rule_testing import check_empty_batch, check_rule
 
 #: bf16 rounds x and the output grad by up to 2^-8 relative; per-sample grads summed over many
