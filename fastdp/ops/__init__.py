@@ -3,7 +3,8 @@
 Each op is defined once with its pure-torch reference (which also serves CPU users)
 via ``@op("name")``; kernel modules add faster implementations with
 ``register_impl("name", "triton" | "cuda", fn)``. At call time the backend is
-chosen from ``FASTDP_BACKEND`` (``torch``, ``triton`` or ``cuda``) or, when unset,
+chosen from ``FASTDP_BACKEND`` (``torch``, ``triton`` or ``cuda``: that backend wherever
+an op has it, the torch reference elsewhere, logged once per op) or, when unset,
 automatically: CUDA tensors get the fastest registered kernel, everything else
 the torch reference.
 """
@@ -48,6 +49,7 @@ def _first_tensor(args):
 
 
 _kernels_loaded = False
+_fallbacks_logged: set = set()
 
 
 def load_kernels() -> None:
@@ -77,12 +79,12 @@ def select_impl(name: str, *args) -> Callable:
     if forced not in (None, "torch") or (tensor is not None and tensor.is_cuda):
         load_kernels()
     if forced is not None:
-        if forced not in impls:
-            raise ValueError(
-                f"FASTDP_BACKEND={forced} but op {name!r} has no {forced} implementation; "
-                f"available: {sorted(impls)} (unset FASTDP_BACKEND for automatic choice)"
-            )
-        return impls[forced]
+        if forced in impls:
+            return impls[forced]
+        if name not in _fallbacks_logged:  # e.g. conv's clipped gradient is cuDNN's own weight gradient
+            _fallbacks_logged.add(name)
+            logger.info("fastdp: op %s has no %s implementation; it runs its torch reference", name, forced)
+        return impls["torch"]
     if tensor is not None and tensor.is_cuda:
         for backend in ("cuda", "triton"):
             if backend in impls:
