@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import accountants
@@ -75,10 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule(sig)
     sig.add_argument("--accountant", choices=choices, default="prv")
     sig.set_defaults(run=_noise_multiplier)
+
+    # handled in main() before parsing: every argument goes to the benchmark's own parser
+    commands.add_parser("bench", help="training-step benchmark: forwards to python -m bench (source checkout)", add_help=False)
     return parser
 
 
+def _bench(args: List[str]) -> int:
+    """``fastdp bench ...`` is ``python -m bench ...``; bench/ lives next to the fastdp package in a checkout."""
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", "bench", *args], env=env)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

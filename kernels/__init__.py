@@ -9,6 +9,10 @@ with ``TRITON_INTERPRET=1``. ``fastdp.ops.load_kernels`` imports it on first nee
 import importlib
 import pkgutil
 
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+# From a checkout, this folder is also importable as a top-level ``kernels`` package, which
+# other libraries probe for (transformers looks for the HF ``kernels`` package that way);
+# only as ``fastdp.kernels`` does it register anything, so kernels are never registered twice.
+if __name__ == "fastdp.kernels":
+    for _module in pkgutil.iter_modules(__path__):
+        if not _module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{_module.name}")
