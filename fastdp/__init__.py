@@ -10,6 +10,7 @@ from .data import DPDataLoader  # noqa: E402
 from .engine.grad_sample_module import GradSampleModule  # noqa: E402
 from .engine.rules import LayerRule, register_grad_sampler, register_rule  # noqa: E402
 from .optimizers import DPOptimizer  # noqa: E402
+from .layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN  # noqa: E402
 from .privacy_engine import PrivacyEngine  # noqa: E402
 from .utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from .validators import ModuleValidator  # noqa: E402

@@ -160,13 +160,19 @@ def test_rule_configuration_errors_are_collected_without_fix(layer, fix_hint):
         ModuleValidator.fix_and_validate(model)
 
 
-def test_recurrent_and_attention_layers_are_not_errors():
+def test_recurrent_and_attention_layers_are_fixed_into_dp_layers():
+    """Their fused forward hides per-sample gradients: errors naming the DP layer, which fix swaps in."""
+    from fastdp.layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN
+
     model = nn.ModuleDict(
         {"lstm": nn.LSTM(4, 4), "gru": nn.GRU(4, 4), "rnn": nn.RNN(4, 4), "mha": nn.MultiheadAttention(4, 2)}
     )
-    assert ModuleValidator.validate(model) == []
+    errors = ModuleValidator.validate(model)
+    assert [e.module_path for e in errors] == ["lstm", "gru", "rnn", "mha"]
+    assert "fastdp.layers.DPLSTM" in str(errors[0]) and "ModuleValidator.fix" in str(errors[0])
     fixed = ModuleValidator.fix(model)
-    assert type(fixed["lstm"]) is nn.LSTM and type(fixed["mha"]) is nn.MultiheadAttention
+    assert [type(m) for m in fixed.values()] == [DPLSTM, DPGRU, DPRNN, DPMultiheadAttention]
+    assert ModuleValidator.validate(fixed) == []
 
 
 def test_fix_and_validate_returns_a_valid_copy(convnet):

@@ -124,9 +124,9 @@ class ModuleValidator:
     """Checks a model for modules DP training cannot handle, and fixes the fixable ones."""
 
     #: module class (or base class) → fixer, applied by ``fix`` to every submodule of that class.
-    #: Extension point: nn.LSTM / nn.GRU / nn.RNN / nn.MultiheadAttention train today through
-    #: the engine's functorch fallback and so are not errors; the DP layers issue registers
-    #: their replacements (DPLSTM, DPGRU, DPRNN, DPMultiheadAttention) here.
+    #: Extension point: ``fastdp.layers`` registers nn.LSTM / nn.GRU / nn.RNN / nn.MultiheadAttention
+    #: → DPLSTM / DPGRU / DPRNN / DPMultiheadAttention (same weights) here; their rules make the
+    #: torch layers errors until fixed (their fused forward hides the per-sample gradients).
     FIXERS: Dict[type, Fixer] = {
         _BatchNorm: batch_norm_to_group_norm,
         _InstanceNorm: instance_norm_without_running_stats,

@@ -38,6 +38,10 @@ class LayerRule:
     #: module classes this rule handles (used by ``register_rule``)
     module_types: Tuple[type, ...] = ()
 
+    #: True: the module's forward marks its own capture points (``capture.capture_internal``), so
+    #: the engine does not capture the module's output; each capture point is one call of the rule
+    captures_internally: bool = False
+
     def trainable_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
