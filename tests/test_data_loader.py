@@ -93,8 +93,8 @@ def test_dataset_without_len_is_refused():
         DPDataLoader(TensorDataset(torch.zeros(0)), sample_rate=0.1)
 
 
-def test_distributed_not_yet():
-    with pytest.raises(NotImplementedError, match="distributed issue"):
+def test_distributed_needs_a_process_group():  # the distributed cases: tests/test_distributed_ddp.py
+    with pytest.raises(ValueError, match="init_process_group"):
         DPDataLoader(TensorDataset(torch.zeros(10)), sample_rate=0.1, distributed=True)
 
 

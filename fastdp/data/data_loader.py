@@ -10,9 +10,11 @@ from typing import Any, Callable, List, Optional
 import torch
 from scipy.stats import binom
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 
 from ..accountants.validation import check_delta, check_sample_rate
+from .distributed_sampler import DistributedUniformWithReplacementSampler
 from .samplers import UniformWithReplacementSampler
 from ..utils.secure_random import SecureRandom
 
@@ -164,6 +166,39 @@ def worker_settings(data_loader: DataLoader) -> dict:
     )
 
 
+def _replicas(data_loader: DataLoader) -> int:
+    """Over how many ranks ``data_loader``'s sampler splits the dataset (1: it does not)."""
+    batch_sampler = data_loader.batch_sampler
+    if isinstance(batch_sampler, DistributedUniformWithReplacementSampler):
+        return batch_sampler.num_replicas
+    sampler = getattr(batch_sampler, "sampler", None)
+    return sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
+
+
+def distributed_sample_rate(data_loader: DataLoader) -> float:
+    """The global Poisson rate for a loader that already splits the data over all ranks."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    sampler = getattr(data_loader.batch_sampler, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) and not isinstance(
+        data_loader.batch_sampler, DistributedUniformWithReplacementSampler
+    ):
+        raise ValueError(
+            "distributed=True needs a data_loader that splits the dataset over the ranks: build it with "
+            "sampler=DistributedSampler(dataset) (batch_size per rank) or use DPDataLoader(dataset, "
+            "sample_rate=q, distributed=True); a loader over the whole dataset would sample every example on every rank"
+        )
+    if _replicas(data_loader) != world_size:
+        raise ValueError(
+            f"data_loader's sampler splits the dataset over {_replicas(data_loader)} ranks but the process group "
+            f"has {world_size}; build the sampler with num_replicas equal to the world size"
+        )
+    if isinstance(data_loader.batch_sampler, DistributedUniformWithReplacementSampler):
+        return data_loader.batch_sampler.sample_rate
+    return 1 / len(data_loader)
+
+
 class DPDataLoader(DataLoader):
     """DataLoader whose batches are Poisson samples of the dataset.
 
@@ -179,6 +214,11 @@ class DPDataLoader(DataLoader):
     (the engine rescales by the batch dimension, N) or ``.sum()`` for "sum": padding rows then
     have zero gradients and add nothing to the clipped sum. Sampling is unchanged; a batch larger
     than N is yielded whole, with a one-time RuntimeWarning (``suggested_padded_batch_size``).
+
+    ``distributed=True`` (one process per rank, after ``init_process_group``): this rank's share
+    of one Poisson sample of the whole dataset per step (``DistributedUniformWithReplacementSampler``;
+    construct it on every rank, it agrees a sampling seed with one broadcast). ``sample_rate`` is
+    the global rate and ``expected_batch_size`` the global mean batch, summed over ranks.
     """
 
     def __init__(
@@ -193,11 +233,6 @@ class DPDataLoader(DataLoader):
         padded_batch_size: Optional[int] = None,
         **kwargs,
     ):
-        if distributed:
-            raise NotImplementedError(
-                "DPDataLoader(distributed=True) is not implemented yet; the distributed issue adds "
-                "DistributedUniformWithReplacementSampler"
-            )
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"dataset must be a map-style Dataset with __len__ (Poisson sampling draws indices), "
@@ -209,9 +244,14 @@ class DPDataLoader(DataLoader):
             _warn_ignored(["drop_last=True"])
         if isinstance(collate_fn, CollateWithEmptyBatches):  # re-wrapping a DPDataLoader's collate
             collate_fn = collate_fn.collate_fn
-        batch_sampler = UniformWithReplacementSampler(
-            num_samples=len(dataset), sample_rate=sample_rate, generator=generator
-        )
+        if distributed:  # this rank's share of one Poisson sample of the whole dataset
+            batch_sampler = DistributedUniformWithReplacementSampler(
+                total_size=len(dataset), sample_rate=sample_rate, generator=generator
+            )
+        else:
+            batch_sampler = UniformWithReplacementSampler(
+                num_samples=len(dataset), sample_rate=sample_rate, generator=generator
+            )
         self.sample_rate = sample_rate
         self.distributed = distributed
         self.padded_batch_size = _check_padded_batch_size(padded_batch_size)
@@ -268,18 +308,31 @@ class DPDataLoader(DataLoader):
         Worker, pinning and collate settings are kept; its sampler, batch sampler and ``drop_last``
         are replaced by Poisson sampling (with one warning if they were not the defaults).
         ``generator`` and ``padded_batch_size`` default to ``data_loader``'s.
+
+        ``distributed=True`` (under DDP/FSDP, one process per rank): ``data_loader`` must already
+        split the dataset over the ranks, with ``sampler=DistributedSampler(dataset)`` (its
+        ``batch_size`` is per rank, so the global expected batch is world size × batch_size and
+        ``sample_rate = 1 / len(data_loader)``) or as a distributed DPDataLoader (its rate is kept).
+        A loader over the whole dataset is refused rather than guessed at: converted on every
+        rank it would sample each example once per rank.
         """
         if data_loader.batch_sampler is None:
             raise ValueError(
                 "data_loader has batch_size=None (no automatic batching); DPDataLoader draws the "
                 "batches itself, so build data_loader with a batch_size"
             )
+        sample_rate = distributed_sample_rate(data_loader) if distributed else 1 / len(data_loader)
+        if not distributed and _replicas(data_loader) > 1:
+            raise ValueError(
+                f"data_loader splits the dataset over {_replicas(data_loader)} ranks; pass distributed=True "
+                "(make_private does for a model wrapped in DDP/DPDDP or sharded with fully_shard)"
+            )
         ignored = []
         batch_sampler = data_loader.batch_sampler
         if type(batch_sampler) is BatchSampler:
-            if not isinstance(batch_sampler.sampler, (SequentialSampler, RandomSampler)):
+            if not isinstance(batch_sampler.sampler, (SequentialSampler, RandomSampler, DistributedSampler)):
                 ignored.append(f"the sampler ({type(batch_sampler.sampler).__name__})")
-        elif not isinstance(batch_sampler, UniformWithReplacementSampler):
+        elif not isinstance(batch_sampler, (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)):
             ignored.append(f"the batch_sampler ({type(batch_sampler).__name__})")
         if data_loader.drop_last:
             ignored.append("drop_last=True")
@@ -287,7 +340,7 @@ class DPDataLoader(DataLoader):
             _warn_ignored(ignored)
         return cls(
             data_loader.dataset,
-            sample_rate=1 / len(data_loader),
+            sample_rate=sample_rate,
             collate_fn=data_loader.collate_fn,
             generator=generator if generator is not None else data_loader.generator,
             distributed=distributed,

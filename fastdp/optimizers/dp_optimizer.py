@@ -110,6 +110,7 @@ class DPOptimizer(Optimizer):
         self.modules: List[nn.Module] = []
         self._skipped_steps = 0  # virtual steps since the last real one (BatchMemoryManager)
         self._skip_next = False
+        self.grad_scaler = None  # a torch.amp.GradScaler (attach_grad_scaler)
 
     def _make_policy(self, clipping, max_grad_norm, kwargs):
         if clipping == "flat":
@@ -195,10 +196,38 @@ class DPOptimizer(Optimizer):
     def attach(self, module: nn.Module) -> None:
         """Let ``module`` (a GradSampleModule) clip with this optimizer's policy."""
         module.clipping = self.clipping_policy
+        module.grad_scaler = self.grad_scaler
         self.modules.append(module)
 
     def attach_step_hook(self, fn: Callable) -> None:
         self.step_hook = fn
+
+    def attach_grad_scaler(self, scaler) -> None:
+        """Train with a ``torch.amp.GradScaler`` (fp16): backpropagate ``scaler.scale(loss)`` and step
+        with ``scaler.step(optimizer)``. The attached modules clip with unscaled norms and leave the
+        clipped sums scaled, so ``scaler.step`` unscales them before this optimizer adds noise; when a
+        backward overflowed, the modules leave inf gradients and the scaler skips the step, so neither
+        noise nor the accountant run for it. (Whether a step overflowed depends on the batch; that
+        skip is not noised.)"""
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.grad_scaler = scaler
+        for module in self.modules:
+            module.grad_scaler = scaler
+
+    def _check_grad_scaler(self) -> None:
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return
+        from torch.amp.grad_scaler import OptState
+
+        if self._skip_next:
+            raise ValueError("grad_scaler does not combine with virtual steps (BatchMemoryManager); use one of them")
+        state = self.grad_scaler._per_optimizer_states.get(id(self))  # what scaler.unscale_ records
+        if state is None or state["stage"] is not OptState.UNSCALED:
+            raise ValueError(
+                "with a grad_scaler the clipped gradients are still scaled: step with grad_scaler.step(optimizer), "
+                "which unscales them first, not optimizer.step()"
+            )
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """The next ``step()`` only ends a physical batch of a larger logical one (virtual step)."""
@@ -224,7 +253,7 @@ class DPOptimizer(Optimizer):
         params = self.params
         if not params:
             return
-        std = self.gradient_noise_multiplier * self.max_grad_norm if noise else 0.0
+        std = self.gradient_noise_multiplier * self.max_grad_norm if noise and self._adds_noise() else 0.0
         factor = 1.0 / self.expected_batch_size if scale and self.loss_reduction == "mean" else 1.0
         device = params[0].device
         flat = torch.cat([
@@ -235,10 +264,19 @@ class DPOptimizer(Optimizer):
             flat.add_(normal(flat.numel(), self.generator, device=device), alpha=std)
             std = 0.0
         add_noise_and_scale(flat, std, factor, self.generator)
+        if noise:
+            self._sum_over_ranks(flat)
         offset = 0
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
             offset += p.numel()
+
+    def _adds_noise(self) -> bool:
+        """Whether this process draws the noise (DistributedDPOptimizer: one rank of all)."""
+        return True
+
+    def _sum_over_ranks(self, flat: torch.Tensor) -> None:
+        """Where a distributed optimizer sums the ranks' noised buffers (single process: nothing)."""
 
     def add_noise(self) -> None:
         """p.grad += N(0, σ²C²), one draw for all parameters (one flat buffer)."""
@@ -251,6 +289,7 @@ class DPOptimizer(Optimizer):
     def pre_step(self) -> bool:
         """Noise and scale; False when this is a virtual (skipped) step."""
         self._check_backward_passes()
+        self._check_grad_scaler()
         if self._skip_next:
             self._skip_next = False
             self._skipped_steps += 1
