@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 from .accountants import create_accountant, get_noise_multiplier
 from .accountants.validation import check_noise_multiplier
 from .data import DPDataLoader
+from .data.data_loader import distributed_sample_rate
+from .distributed import check_same_on_all_ranks, distributed_context, prepare_module
 from .engine.clipping import check_max_grad_norm
 from .engine.grad_sample_module import GradSampleModule, check_loss_reduction, check_mode
-from .optimizers import DPOptimizer
+from .optimizers import DistributedDPOptimizer, DPOptimizer, FSDPDPOptimizer
 from .validators import ModuleValidator
 from .utils.secure_random import SecureRandom
 
@@ -79,16 +81,21 @@ class PrivacyEngine:
         criterion: Optional[nn.Module] = None,
         strict: bool = False,
         padded_batch_size: Optional[int] = None,
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
         **clipping_kwargs,
     ):
         """Returns ``(module, optimizer, data_loader)``; with grad_sample_mode="ghost" (Opacus),
         ``(module, optimizer, criterion, data_loader)`` where criterion is the plain loss.
-        ``padded_batch_size``: fixed-shape masked Poisson batches (see ``DPDataLoader``)."""
+        ``padded_batch_size``: fixed-shape masked Poisson batches (see ``DPDataLoader``).
+        ``grad_scaler``: fp16 training with a ``torch.amp.GradScaler`` (see ``DPOptimizer.attach_grad_scaler``)."""
         loss_reduction = check_loss_reduction(loss_reduction)
         if clipping != "per_layer":  # per-layer bounds are a list, checked by the optimizer
             max_grad_norm = check_max_grad_norm(max_grad_norm)
         ghost = grad_sample_mode == "ghost"
         mode = check_mode(grad_sample_mode)
+        distributed = distributed_context(module)  # DDP/DPDDP (unwrapped here) or FSDP2; see fastdp.distributed
+        if distributed is not None:
+            module = distributed.module
         _check_optimizer_params(module, optimizer)
         if criterion is not None and getattr(criterion, "reduction", loss_reduction) != loss_reduction:
             raise ValueError(
@@ -100,20 +107,33 @@ class PrivacyEngine:
         if wrapped_here:
             module = GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction, mode=mode, strict=strict)
         try:
-            return self._wire(
+            wired = self._wire(
                 module, optimizer, data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
                 noise_generator=noise_generator, ghost=ghost, criterion=criterion,
-                padded_batch_size=padded_batch_size, clipping_kwargs=clipping_kwargs,
+                padded_batch_size=padded_batch_size, clipping_kwargs=clipping_kwargs, distributed=distributed,
             )
+            if grad_scaler is not None:
+                wired[1].attach_grad_scaler(grad_scaler)
+            return wired
         except Exception:
             if wrapped_here:  # all or nothing: leave the caller's model as it was
                 module.to_standard_module()
             raise
 
     def _wire(self, module, optimizer, data_loader, *, noise_multiplier, max_grad_norm, loss_reduction,
-              poisson_sampling, clipping, noise_generator, ghost, criterion, padded_batch_size, clipping_kwargs):
+              poisson_sampling, clipping, noise_generator, ghost, criterion, padded_batch_size, clipping_kwargs,
+              distributed=None):
         """Loader, optimizer and accountant around an already wrapped module."""
+        if distributed is not None:
+            check_same_on_all_ranks(
+                distributed, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                loss_reduction=loss_reduction, clipping=clipping, poisson_sampling=poisson_sampling,
+                secure_mode=self.secure_mode, dataset_size=len(data_loader.dataset), steps=len(data_loader),
+                sampler=type(getattr(data_loader.batch_sampler, "sampler", data_loader.batch_sampler)).__name__,
+                parameters=[tuple(p.shape) for group in optimizer.param_groups for p in group["params"]],
+            )
+            prepare_module(distributed, module)
         if self.secure_mode:
             if noise_generator is not None:
                 raise ValueError(
@@ -123,7 +143,8 @@ class PrivacyEngine:
             noise_generator = self.secure_rng
         if poisson_sampling:
             data_loader = DPDataLoader.from_data_loader(
-                data_loader, generator=noise_generator, padded_batch_size=padded_batch_size
+                data_loader, generator=noise_generator, padded_batch_size=padded_batch_size,
+                distributed=distributed is not None,
             )
             sample_rate = data_loader.sample_rate
         elif padded_batch_size is not None:
@@ -134,10 +155,14 @@ class PrivacyEngine:
                 "only an approximation for fixed-size shuffled batches",
                 RuntimeWarning,
             )
-            sample_rate = 1 / len(data_loader)
+            sample_rate = distributed_sample_rate(data_loader) if distributed is not None else 1 / len(data_loader)
         expected_batch_size = len(data_loader.dataset) * sample_rate  # E[B]: the unbiased divisor of a sum
 
-        dp_optimizer = DPOptimizer(
+        optimizer_class, placement = DPOptimizer, {}
+        if distributed is not None:  # sums the ranks' clipped sums in one collective, noise on one rank
+            optimizer_class = FSDPDPOptimizer if distributed.kind == "fsdp" else DistributedDPOptimizer
+            placement = {"process_group": distributed.process_group}
+        dp_optimizer = optimizer_class(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
@@ -146,6 +171,7 @@ class PrivacyEngine:
             generator=noise_generator,
             secure_mode=self.secure_mode,
             clipping=clipping,
+            **placement,
             **clipping_kwargs,
         )
         dp_optimizer.attach(module)

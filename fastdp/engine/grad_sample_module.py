@@ -16,6 +16,7 @@ The data flow of one DP step (see DESIGN.md), in this file's order:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from typing import Dict, List, Optional
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..losses import check_model_loss
 from .capture import ModuleCall, route
 from .rules import get_rule
 from .rules.functorch import FUNCTORCH_RULE
@@ -91,6 +93,14 @@ class GradSampleModule(nn.Module):
         self._finish_queued = False
         self._capturing = True
         self._unroutes = []
+        #: a torch.amp.GradScaler whose scaled loss is backpropagated (set by make_private): norms are
+        #: taken unscaled, clipped sums are left scaled for ``scaler.step``, and an overflow skips the step
+        self.grad_scaler = None
+        self._forward_batch_size: Optional[int] = None  # batch size of the last forward's inputs
+        #: True: the step makes no host synchronisation (automatic while a CUDA graph is captured), so a
+        #: whole DP step on fixed-shape (padded, masked) batches can be captured; non-finite samples are
+        #: still dropped, but without a warning and without counting them in ``skipped_samples``
+        self.sync_free = False
         force_functorch = force_functorch or self.mode == "functorch"
         for name, sub in m.named_modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
@@ -101,7 +111,17 @@ class GradSampleModule(nn.Module):
             params = list(sub.parameters(recurse=False))
             if not params:
                 continue
-            rule = FUNCTORCH_RULE if force_functorch else get_rule(sub)
+            shared = _count_shared_with_submodules(sub, params)
+            if shared == len(params):
+                continue  # all also a submodule's own (BERT's MLM head bias is its decoder's): captured there, once
+            if shared and any(p.requires_grad for p in params):
+                raise ValueError(
+                    f"{name} ({type(sub).__name__}) shares some of its parameters with one of its submodules, whose "
+                    "per-sample gradients would be counted twice; untie them or register a rule for the submodule"
+                )
+            rule = get_rule(sub)
+            if force_functorch and not (rule is not None and rule.captures_internally):  # torch.func cannot see inside those
+                rule = FUNCTORCH_RULE
             if rule is None:
                 if strict:
                     raise ValueError(
@@ -111,11 +131,35 @@ class GradSampleModule(nn.Module):
                 rule = FUNCTORCH_RULE
             if any(p.requires_grad for p in params):
                 rule.check(sub)
-            self._unroutes.append(route(sub, rule, self._is_capturing, self._on_grad_output))
+            self._unroutes.append(
+                route(sub, rule, self._is_capturing, self._on_grad_output, self._expand_shared_indices)
+            )
+        for name, param in m.named_parameters():
+            if param.requires_grad:  # routing means autograd never reaches a parameter; if it does, refuse
+                self._unroutes.append(param.register_hook(functools.partial(_reject_direct_gradient, name)).remove)
 
     # -- plumbing -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)
+        self._forward_batch_size = _batch_size_of(args, kwargs, self.batch_first)
+        output = self._module(*args, **kwargs)
+        if kwargs.get("labels") is not None and getattr(output, "loss", None) is not None:
+            check_model_loss(kwargs, self.loss_reduction)  # a Hugging Face model computed its own loss
+        return output
+
+    def _expand_shared_indices(self, args: tuple) -> tuple:
+        """Index inputs ``[1, T, ...]`` shared by a batch of B > 1 (position ids that the model
+        broadcasts over the batch) become ``[B, T, ...]``: the output is the same after broadcasting,
+        and each sample's part of the gradient stays its own instead of being summed over the batch."""
+        batch = self._forward_batch_size
+        dim = 0 if self.batch_first else 1
+        if not args or batch is None or batch <= 1:
+            return args
+        first = args[0]
+        if not isinstance(first, torch.Tensor) or first.is_floating_point() or first.is_complex() or first.dim() < 2:
+            return args
+        if first.shape[dim] != 1:
+            return args
+        return (first.expand(*first.shape[:dim], batch, *first.shape[dim + 1 :]), *args[1:])
 
     def __getattr__(self, name):
         try:
@@ -146,9 +190,18 @@ class GradSampleModule(nn.Module):
         self._calls.append(call)
         if not self._finish_queued:
             self._finish_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._queue_finish()
+
+    def _queue_finish(self) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _finish_backward(self) -> None:
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            # The end of a backward nested in a node of an outer one (reentrant checkpointing): the outer
+            # backward still has calls to deliver, so finish with it (this node's hook runs in the outer).
+            node.register_hook(lambda grad_inputs, grad_outputs: self._queue_finish())
+            return
         self._finish_queued = False
         calls, self._calls = self._calls, []
         if not calls:
@@ -161,7 +214,7 @@ class GradSampleModule(nn.Module):
         self.backward_passes += 1
 
     def _batch_first(self, call: ModuleCall) -> None:
-        if not self.batch_first:
+        if not self.batch_first and not call.batch_first:
             call.inputs = tuple(
                 x.movedim(1, 0) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x for x in call.inputs
             )
@@ -170,7 +223,9 @@ class GradSampleModule(nn.Module):
     def _process(self, calls: List[ModuleCall]) -> None:
         for call in calls:
             self._batch_first(call)
-        step = _BackwardStep(calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean")
+        step = _BackwardStep(
+            calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean", loss_scale=self._loss_scale()
+        )
         total = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
         for norm_sq in step.norm_sq.values():
             total += norm_sq
@@ -191,9 +246,26 @@ class GradSampleModule(nn.Module):
         step, self._retained_step = self._retained_step, None
         self._accumulate(step, {key: clip_factors for key in step.norm_sq})
 
+    def _loss_scale(self):
+        """The GradScaler's current scale S (a tensor), or None when no scaler is attached/enabled."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = scaler._get_scale_async()  # the scale tensor, without a device sync
+        if scale is None:
+            raise ValueError("grad_scaler has no scale yet: backpropagate grad_scaler.scale(loss), not loss")
+        return scale
+
     def _accumulate(self, step: "_BackwardStep", factors: Dict[int, torch.Tensor]) -> None:
         bad = ~torch.isfinite(self.per_sample_norms)
-        if bad.any():
+        if self._loss_scale() is not None and bad.any():
+            # fp16 overflow under a GradScaler: the scaler must see it (inf grads) to skip the step and
+            # lower its scale; the optimizer step, and so the accountant, then never runs.
+            step.mark_overflow()
+            return
+        if self.sync_free or _capturing_cuda_graph(bad):
+            step.drop_samples(bad)  # branch-free, no host sync: zeroes nothing when every norm is finite
+        elif bad.any():
             count = int(bad.sum())
             self.skipped_samples += count
             warnings.warn(
@@ -215,13 +287,18 @@ class _BackwardStep:
     that cheaper (``LayerRule.prefers_grad_sample``).
     """
 
-    def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool):
+    def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool, loss_scale=None):
         batch_sizes = {call.grad_output.shape[0] for call in calls}
         if len(batch_sizes) != 1:
-            raise ValueError(f"layers saw different batch sizes in one backward ({sorted(batch_sizes)}); check batch_first")
+            raise ValueError(
+                f"layers saw different batch sizes in one backward ({sorted(batch_sizes)}); check batch_first, "
+                "and pass inputs that the model broadcasts over the batch (shape [1, ...]) with one row per sample"
+            )
         self.batch_size = batch_sizes.pop()
         # With a mean loss each output gradient carries 1/B; per-sample gradients are B times it.
         self.scale = float(self.batch_size) if mean else 1.0
+        # A GradScaler's S multiplies every output gradient: norms are divided by it, clipped sums keep it.
+        self.loss_scale = loss_scale
         self.device = calls[0].grad_output.device
         uses = Counter(id(p) for call in calls for p in call.params.values())
         self.rule_calls: List[ModuleCall] = []
@@ -247,7 +324,16 @@ class _BackwardStep:
                 norm_sq[id(call.params[name])] = value * self.scale**2
         for key, (_, grads) in self.materialised.items():
             norm_sq[key] = grads.flatten(1).float().square().sum(1)
+        if self.loss_scale is not None:
+            norm_sq = {key: value / self.loss_scale.float().square() for key, value in norm_sq.items()}
         return norm_sq
+
+    def mark_overflow(self) -> None:
+        """Leave inf in every parameter's gradient, so GradScaler.step skips the step."""
+        params = [p for call in self.rule_calls for p in call.params.values()]
+        params += [p for p, _ in self.materialised.values()]
+        for param in {id(p): p for p in params}.values():
+            param.grad = torch.full_like(param, float("inf"))
 
     def drop_samples(self, rows: torch.Tensor) -> None:
         """Zero the given samples everywhere (c = 0 alone is not enough: 0 * inf is NaN)."""
@@ -265,6 +351,34 @@ class _BackwardStep:
                 _add_to_grad(call.params[name], grad)
         for key, (param, grads) in self.materialised.items():
             _add_to_grad(param, torch.einsum("b,b...->...", factors[key].to(grads.dtype), grads))
+
+
+def _count_shared_with_submodules(module: nn.Module, params: List[nn.Parameter]) -> int:
+    nested = {id(p) for child in module.children() for p in child.parameters()}
+    return sum(id(p) in nested for p in params)
+
+
+def _capturing_cuda_graph(like: torch.Tensor) -> bool:
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _reject_direct_gradient(name: str, grad: Optional[torch.Tensor]):
+    if grad is None:  # the capture hands the parameter no gradient (autograd still calls the hook)
+        return None
+    raise ValueError(
+        f"parameter {name} received a gradient outside the engine's capture: it is used directly by another "
+        "module's forward (a ParameterDict, a tied tensor read as an attribute, ...), which would add its "
+        "non-private gradient; compute with it inside its own module, or register a rule for the module using it"
+    )
+
+
+def _batch_size_of(args: tuple, kwargs: dict, batch_first: bool) -> Optional[int]:
+    """The batch size of a forward's first tensor argument (positional first, then keyword)."""
+    dim = 0 if batch_first else 1
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > dim:
+            return value.shape[dim]
+    return None
 
 
 def _zero_rows(x, rows: torch.Tensor):
