@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything fastdp needs a GPU for, in as few device calls as possible (each call ≤ 10 min).
+#
+#   bash bench/gpu_session.sh check   # build the CUDA extension (JIT), GPU tests of csrc/ and Triton kernels
+#   bash bench/gpu_session.sh kernels # per-kernel benchmarks vs cuBLAS/cuDNN and materialise-then-norm
+#   bash bench/gpu_session.sh steps MODELS   # whole-step table for a comma list of bench models
+#
+# Runs from the repository root on the device machine (torch with CUDA, triton, nvcc, ninja; no
+# internet, so nothing is pip-installed: the checkout is used through PYTHONPATH). Writes logs and
+# results under $OUT (default ./gpu-out), which the device tool copies back; commit what you keep
+# under bench/results/ with the device, date and command.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/fastdp-torch-ext}
+unset TRITON_INTERPRET FASTDP_BACKEND
+
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+
+case "${1:-check}" in
+  check)
+    python -m pytest -q -x tests/test_cuda_extension.py 2>&1 | tail -30 > "$OUT/cuda_extension.txt"
+    python -m pytest -q tests/test_kernels_linear.py tests/test_kernels_noise.py tests/test_kernels_conv.py \
+      tests/test_kernels_embedding.py tests/test_kernels_norms.py tests/test_engine_triton_backend.py \
+      tests/test_dp_layers.py tests/test_rules_rnn.py 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
+    ;;
+  kernels)
+    python -m bench.bench_kernels_linear > "$OUT/kernels_linear.txt" 2>&1
+    python -m bench.bench_kernels_linear --dtype bfloat16 >> "$OUT/kernels_linear.txt" 2>&1
+    python -m bench.bench_kernels_conv_embedding_norms > "$OUT/kernels_conv_emb_norms.txt" 2>&1
+    ;;
+  steps)
+    python -m bench --models "${2:-mlp,resnet18,gpt2}" --out "$OUT/steps" > "$OUT/steps.log" 2>&1
+    ;;
+  *)
+    echo "usage: $0 check|kernels|steps [models]" >&2; exit 2 ;;
+esac
+cat "$OUT"/*.txt 2>/dev/null | tail -60
