@@ -36,7 +36,9 @@ case "${1:-check}" in
     python -m bench.bench_kernels_conv_embedding_norms > "$OUT/kernels_conv_emb_norms.txt" 2>&1
     ;;
   steps)
-    python -m bench --models "${2:-mlp,resnet18,gpt2}" --out "$OUT/steps" > "$OUT/steps.log" 2>&1
+    python -m bench --models "${2:-mlp,resnet18,gpt2}" --out /tmp/fastdp-steps > "$OUT/steps.txt" 2>&1
+    # the device tool returns at most 8 files: the tables, and the per-process logs in one archive
+    cp /tmp/fastdp-steps/results.* "$OUT/" && tar -czf "$OUT/step-logs.tgz" -C /tmp/fastdp-steps logs
     ;;
   *)
     echo "usage: $0 check|kernels|steps [models]" >&2; exit 2 ;;
