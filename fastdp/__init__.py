@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from . import accountants  # noqa: E402,F401
 from .data import DPDataLoader  # noqa: E402
 from .engine.grad_sample_module import GradSampleModule  # noqa: E402
-from .engine.rules import LayerRule, register_grad_sampler, register_rule  # noqa: E402
+from .engine.rules import LayerRule, register_grad_sampler, register_rule, register_rule_by_name  # noqa: E402
 from .optimizers import DPOptimizer  # noqa: E402
 from .layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN  # noqa: E402
 from .privacy_engine import PrivacyEngine  # noqa: E402
@@ -24,6 +24,11 @@ __all__ = [
     "ModuleValidator",
     "LayerRule",
     "register_rule",
+    "register_rule_by_name",
     "register_grad_sampler",
+    "DPLSTM",
+    "DPGRU",
+    "DPRNN",
+    "DPMultiheadAttention",
     "accountants",
 ]
