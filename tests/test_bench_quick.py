@@ -6,7 +6,6 @@ produced a row, that the baseline and fastdp's default mode ran, and that the fi
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -21,16 +20,6 @@ from bench.models import MODELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-def _fastdp_has(module: str, name: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-#: models whose fastdp rows may fail only because a DP layer they need does not exist yet
-DP_LAYER_MISSING = {"lstm"} if not _fastdp_has("fastdp.layers", "DPLSTM") else set()
 
 
 def test_quick_preset_runs_every_model_and_method(tmp_path):
@@ -52,9 +41,9 @@ def test_quick_preset_runs_every_model_and_method(tmp_path):
     for model in MODELS:
         assert rows[model, "nonprivate"]["ok"], rows[model, "nonprivate"]
         assert rows[model, "nonprivate"]["time_ratio"] == pytest.approx(1.0)
-        if model not in DP_LAYER_MISSING:
-            assert rows[model, "fastdp-bk"]["ok"], rows[model, "fastdp-bk"]
-            assert rows[model, "fastdp-bk"]["time_ratio"] > 0
+        for method in ("fastdp-bk", "fastdp-hooks", "fastdp-functorch", "microbatch", "torchfunc"):
+            assert rows[model, method]["ok"], rows[model, method]
+            assert rows[model, method]["time_ratio"] > 0
     assert results["header"]["command"].startswith("python -m bench --quick")
     table = (out / "results.md").read_text()
     for model in MODELS:
