@@ -10,7 +10,9 @@ The data flow of one DP step (see DESIGN.md), in this file's order:
    first one queues ``_finish_backward`` to run when the backward ends.
 4. ``_finish_backward``: per-sample squared norms from each call's rule → norms →
    clip factors (``clipping``) → each call's clipped sum, accumulated into
-   ``p.grad``; the recorded activations are freed.
+   ``p.grad``; the recorded activations are freed. With per-layer clipping, a call
+   whose parameters are used once is clipped at step 3 already (``_clip_in_backward``),
+   so its activations live no longer than in a non-private backward.
 5. The optimizer (``DPOptimizer``) adds noise once, scales and steps.
 """
 
@@ -26,7 +28,9 @@ from torch import nn
 
 from ..losses import check_model_loss
 from .capture import ModuleCall, route
+from .clipping import PerLayerClipping
 from .rules import get_rule
+from .rules.base import outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
 
 MODES = ("bk", "hooks", "functorch")
@@ -60,8 +64,9 @@ class GradSampleModule(nn.Module):
 
     Modes: "bk" (book-keeping: per-sample norms without materialising per-sample
     gradients, clipped sums from each layer's rule), "hooks" (materialises
-    ``p.grad_sample`` like Opacus; the reference), "functorch" (every layer through
-    torch.func). ``clipping`` is set by the optimizer; without one, a backward only
+    ``p.grad_sample`` like Opacus; the reference), "functorch" (torch.func for every
+    call it can split into samples; the DP recurrent/attention layers and EmbeddingBag's flat
+    (input, offsets) form keep their exact rule). ``clipping`` is set by the optimizer; without one, a backward only
     computes ``per_sample_norms`` (and ``p.grad_sample`` in hooks/functorch mode), and
     ``accumulate_clipped_grads`` applies factors of your choice.
     """
@@ -97,6 +102,11 @@ class GradSampleModule(nn.Module):
         #: taken unscaled, clipped sums are left scaled for ``scaler.step``, and an overflow skips the step
         self.grad_scaler = None
         self._forward_batch_size: Optional[int] = None  # batch size of the last forward's inputs
+        #: id(p) → how many captured calls used p since the last backward ended (per-layer clipping inside
+        #: the backward needs each of a call's parameters used exactly once)
+        self._forward_uses: Counter = Counter()
+        self._inference_forward = False  # inside a forward of this module run without grad
+        self._early: Optional[_EarlyClipping] = None  # what the calls clipped inside this backward left
         #: True: the step makes no host synchronisation (automatic while a CUDA graph is captured), so a
         #: whole DP step on fixed-shape (padded, masked) batches can be captured; non-finite samples are
         #: still dropped, but without a warning and without counting them in ``skipped_samples``
@@ -132,7 +142,10 @@ class GradSampleModule(nn.Module):
             if any(p.requires_grad for p in params):
                 rule.check(sub)
             self._unroutes.append(
-                route(sub, rule, self._is_capturing, self._on_grad_output, self._expand_shared_indices)
+                route(
+                    sub, rule, functools.partial(self._is_capturing_call_of, sub), self._on_grad_output,
+                    self._expand_shared_indices,
+                )
             )
         for name, param in m.named_parameters():
             if param.requires_grad:  # routing means autograd never reaches a parameter; if it does, refuse
@@ -141,7 +154,11 @@ class GradSampleModule(nn.Module):
     # -- plumbing -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         self._forward_batch_size = _batch_size_of(args, kwargs, self.batch_first)
-        output = self._module(*args, **kwargs)
+        self._inference_forward = not torch.is_grad_enabled()  # nothing in it reaches a backward
+        try:
+            output = self._module(*args, **kwargs)
+        finally:
+            self._inference_forward = False
         if kwargs.get("labels") is not None and getattr(output, "loss", None) is not None:
             check_model_loss(kwargs, self.loss_reduction)  # a Hugging Face model computed its own loss
         return output
@@ -184,10 +201,30 @@ class GradSampleModule(nn.Module):
     def _is_capturing(self) -> bool:
         return self._capturing
 
+    def _is_capturing_call_of(self, module: nn.Module) -> bool:
+        """Asked by every call of a routed module with trainable parameters: counts their uses.
+
+        A call made without grad inside a training forward counts as two uses: reentrant activation
+        checkpointing runs it again, with grad, in the middle of the backward."""
+        if self._capturing and not self._inference_forward:
+            weight = 1 if torch.is_grad_enabled() else 2
+            for param in module.parameters(recurse=False):
+                if param.requires_grad:
+                    self._forward_uses[id(param)] += weight
+        return self._capturing
+
     # -- backward ---------------------------------------------------------------------------
     def _on_grad_output(self, call: ModuleCall, grad_output: torch.Tensor) -> None:
         call.grad_output = grad_output.detach()
-        self._calls.append(call)
+        if self._early is not None and any(id(p) in self._early.params for p in call.params.values()):
+            raise RuntimeError(
+                f"{type(call.module).__name__} was used again after its per-layer clipped gradient was formed in "
+                "this backward; please report this (a forward the engine did not see ran during the backward)"
+            )
+        if self._clips_in_backward(call):
+            self._clip_in_backward(call)
+        else:
+            self._calls.append(call)
         if not self._finish_queued:
             self._finish_queued = True
             self._queue_finish()
@@ -204,14 +241,62 @@ class GradSampleModule(nn.Module):
             return
         self._finish_queued = False
         calls, self._calls = self._calls, []
-        if not calls:
+        early, self._early = self._early, None
+        self._forward_uses.clear()
+        if not calls and early is None:
             return
         self._capturing = False  # the functorch fallback runs forwards of its own
         try:
-            self._process(calls)
+            self._process(calls, early)
         finally:
             self._capturing = True
         self.backward_passes += 1
+
+    # -- per-layer clipping inside the backward ------------------------------------------------
+    def _clips_in_backward(self, call: ModuleCall) -> bool:
+        """Per-layer clipping needs only this call's own norms when each of its parameters is used once
+        (counted in the forward); shared parameters, hooks mode and other policies wait for the end.
+        FSDP's per-layer policy (a subclass) and internally captured layers (several calls per forward
+        call, not counted per parameter) wait too."""
+        if self.mode != "bk" or type(self.clipping) is not PerLayerClipping or call.rule.captures_internally:
+            return False
+        return all(self._forward_uses[id(p)] == 1 for p in call.params.values())
+
+    def _clip_in_backward(self, call: ModuleCall) -> None:
+        """Norms, per-layer factors and the clipped sum of one call, now; its activations are then freed."""
+        self._batch_first(call)
+        self._capturing = False  # the functorch fallback runs forwards of its own
+        try:
+            step = _BackwardStep(
+                [call], materialise_all=False, mean=self.loss_reduction == "mean", loss_scale=self._loss_scale()
+            )
+            early = self._early
+            if early is None:
+                early = self._early = _EarlyClipping(step.batch_size, step.device)
+            elif early.batch_size != step.batch_size:
+                raise ValueError(
+                    f"layers saw different batch sizes in one backward ({sorted({early.batch_size, step.batch_size})}); "
+                    "check batch_first, and pass inputs that the model broadcasts over the batch with one row per sample"
+                )
+            norm_sq = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
+            for value in step.norm_sq.values():
+                norm_sq += value
+            early.norm_sq += norm_sq
+            early.params.update(id(p) for p in call.params.values())
+            # A sample with a non-finite norm here is left out of this call's clipped sums (each parameter
+            # clips alone, so the others still bound it); the end of the backward counts it once.
+            bad = ~torch.isfinite(norm_sq)
+            if self._loss_scale() is not None:
+                if early.overflow or bad.any():
+                    early.overflow = True  # the scaler must see inf (see _accumulate); the step is skipped
+                    step.mark_overflow()
+                    return
+            elif self.sync_free or _capturing_cuda_graph(bad) or bad.any():
+                step.drop_samples(bad)
+            step.accumulate_clipped(self.clipping.factors_by_param(step.norm_sq, norm_sq.sqrt()))
+        finally:
+            self._capturing = True
+            call.inputs = call.grad_output = None  # the activations go now, not at the end of the backward
 
     def _batch_first(self, call: ModuleCall) -> None:
         if not self.batch_first and not call.batch_first:
@@ -220,13 +305,26 @@ class GradSampleModule(nn.Module):
             )
             call.grad_output = call.grad_output.movedim(1, 0)
 
-    def _process(self, calls: List[ModuleCall]) -> None:
+    def _process(self, calls: List[ModuleCall], early: Optional["_EarlyClipping"] = None) -> None:
+        """The end of a backward: every call not clipped inside it (``early``: what those left)."""
+        if not calls:  # every call was clipped inside the backward: count its non-finite samples
+            self.per_sample_norms = early.norm_sq.sqrt()
+            if not early.overflow:
+                self._count_skipped(~torch.isfinite(self.per_sample_norms))
+            return
         for call in calls:
             self._batch_first(call)
         step = _BackwardStep(
             calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean", loss_scale=self._loss_scale()
         )
+        if early is not None and early.batch_size != step.batch_size:
+            raise ValueError(
+                f"layers saw different batch sizes in one backward ({sorted({early.batch_size, step.batch_size})}); "
+                "check batch_first, and pass inputs that the model broadcasts over the batch with one row per sample"
+            )
         total = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
+        if early is not None:
+            total += early.norm_sq  # samples non-finite in a layer clipped early are left out here too
         for norm_sq in step.norm_sq.values():
             total += norm_sq
         self.per_sample_norms = total.sqrt()
@@ -265,26 +363,48 @@ class GradSampleModule(nn.Module):
             return
         if self.sync_free or _capturing_cuda_graph(bad):
             step.drop_samples(bad)  # branch-free, no host sync: zeroes nothing when every norm is finite
-        elif bad.any():
-            count = int(bad.sum())
-            self.skipped_samples += count
-            warnings.warn(
-                f"{count} sample(s) had a non-finite gradient norm (inf/NaN, or above ~1.8e19 in float32) "
-                "and were left out of this step's sum (counted in GradSampleModule.skipped_samples)",
-                RuntimeWarning,
-            )
+        elif self._count_skipped(bad):
             step.drop_samples(bad)
         step.accumulate_clipped(factors)
 
+    def _count_skipped(self, bad: torch.Tensor) -> bool:
+        """Count and report the samples with a non-finite norm (a host sync, skipped when sync-free)."""
+        if self.sync_free or _capturing_cuda_graph(bad) or not bad.any():
+            return False
+        count = int(bad.sum())
+        self.skipped_samples += count
+        warnings.warn(
+            f"{count} sample(s) had a non-finite gradient norm (inf/NaN, or above ~1.8e19 in float32) "
+            "and were left out of this step's sum (counted in GradSampleModule.skipped_samples)",
+            RuntimeWarning,
+        )
+        return True
+
+
+class _EarlyClipping:
+    """What the calls clipped inside one backward (per-layer clipping) leave for its end: their
+    per-sample squared norms (for ``per_sample_norms`` and the count of non-finite samples), their
+    parameters (which no later call of this backward may use), and whether a GradScaler overflowed."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.batch_size = batch_size
+        self.norm_sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self.params: set = set()
+        self.overflow = False
+
 
 class _BackwardStep:
-    """One backward's calls, split into those a rule handles alone and materialised shared parameters.
+    """One backward's calls: those whose rules give norms and clipped sums, and materialised parameters.
 
     A parameter used by several calls (weight tying, a module called twice) has the sum over its
-    uses as per-sample gradient, whose norm is not the sum of the parts' norms: its per-sample
-    gradients are materialised and summed (exact; no use is ever dropped). In "hooks" and
-    "functorch" modes every parameter is materialised, and in any mode where the rule finds
-    that cheaper (``LayerRule.prefers_grad_sample``).
+    uses as per-sample gradient, whose norm is not the sum of the parts' norms:
+    ``||sum_u G^(u)||² = sum_u ||G^(u)||² + 2 sum_{u<v} <G^(u), G^(v)>``. When every use's rule
+    gives its gradient as outer products (``LayerRule.outer_factors``: linear, embedding, HF Conv1D),
+    the cross terms come from cross Grams and each use's clipped sum from its rule, with the
+    parameter's one clip factor per sample (a sum of the uses' clipped parts: exact). Otherwise the
+    parameter's per-sample gradients are materialised and summed (exact; no use is ever dropped).
+    In "hooks" and "functorch" modes every parameter is materialised, and in any mode where the
+    rule finds that cheaper for a parameter used once (``LayerRule.prefers_grad_sample``).
     """
 
     def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool, loss_scale=None):
@@ -300,12 +420,11 @@ class _BackwardStep:
         # A GradScaler's S multiplies every output gradient: norms are divided by it, clipped sums keep it.
         self.loss_scale = loss_scale
         self.device = calls[0].grad_output.device
-        uses = Counter(id(p) for call in calls for p in call.params.values())
         self.rule_calls: List[ModuleCall] = []
         self.materialised: Dict[int, tuple] = {}  # id(p) -> (p, per-sample grads summed over its calls)
+        materialised_calls, cross_factors = _split_calls(calls, materialise_all)
         for call in calls:
-            alone = all(uses[id(p)] == 1 for p in call.params.values())
-            if not materialise_all and alone and not call.rule.prefers_grad_sample(call.module, call.inputs, call.grad_output):
+            if id(call) not in materialised_calls:
                 self.rule_calls.append(call)
                 continue
             for name, grads in call.rule.grad_sample(call.module, call.inputs, call.grad_output).items():
@@ -314,14 +433,23 @@ class _BackwardStep:
                 if id(param) in self.materialised:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
-        self.norm_sq = self._norm_sq_by_param()
+        self.norm_sq = self._norm_sq_by_param(cross_factors)
 
-    def _norm_sq_by_param(self) -> Dict[int, torch.Tensor]:
-        """id(p) → each sample's squared gradient norm for p, ``[B]`` float32."""
+    def _norm_sq_by_param(self, cross_factors: Dict[int, list]) -> Dict[int, torch.Tensor]:
+        """id(p) → each sample's squared gradient norm for p, ``[B]`` float32; ``cross_factors`` (id(p) →
+        the outer factors of each use of a shared parameter) add the cross terms of the uses."""
         norm_sq = {}
         for call in self.rule_calls:
             for name, value in call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output).items():
-                norm_sq[id(call.params[name])] = value * self.scale**2
+                key = id(call.params[name])
+                value = value * self.scale**2
+                norm_sq[key] = norm_sq[key] + value if key in norm_sq else value
+        for key, uses in cross_factors.items():
+            cross = sum(
+                outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
+            )
+            # ||sum of uses||² >= 0; rounding may take a cancelling sum below 0 (clamp keeps NaN as NaN)
+            norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross).clamp(min=0).float()
         for key, (_, grads) in self.materialised.items():
             norm_sq[key] = grads.flatten(1).float().square().sum(1)
         if self.loss_scale is not None:
@@ -351,6 +479,47 @@ class _BackwardStep:
                 _add_to_grad(call.params[name], grad)
         for key, (param, grads) in self.materialised.items():
             _add_to_grad(param, torch.einsum("b,b...->...", factors[key].to(grads.dtype), grads))
+
+
+def _split_calls(calls: List[ModuleCall], materialise_all: bool):
+    """Which calls materialise their per-sample gradients (a set of id(call)), and the outer factors of
+    each use of every shared parameter handled by cross terms (id(p) → list over its uses).
+
+    A shared parameter takes cross terms when every one of its uses provides outer factors; any
+    other shared parameter is materialised in all of its calls, and a materialised call
+    materialises all its parameters, which may in turn take a shared parameter off cross terms.
+    """
+    if materialise_all:
+        return {id(call) for call in calls}, {}
+    uses: Dict[int, list] = {}
+    for call in calls:
+        for name, param in call.params.items():
+            uses.setdefault(id(param), []).append((call, name))
+    shared = {key for key, use in uses.items() if len(use) > 1}
+    factors = {}  # id(call) -> that call's outer factors, asked only of calls with a shared parameter
+    for call in calls:
+        if any(id(p) in shared for p in call.params.values()):
+            factors[id(call)] = call.rule.outer_factors(call.module, call.inputs, call.grad_output)
+    crossed = {key for key in shared if all(name in factors[id(call)] for call, name in uses[key])}
+    materialised = set()
+    for call in calls:
+        keys = [id(p) for p in call.params.values()]
+        if any(key in shared and key not in crossed for key in keys):
+            materialised.add(id(call))
+        elif not any(key in shared for key in keys) and call.rule.prefers_grad_sample(
+            call.module, call.inputs, call.grad_output
+        ):
+            materialised.add(id(call))
+    changed = True
+    while changed:  # a materialised call takes its shared parameters off cross terms, in all their calls
+        changed = False
+        for key in list(crossed):
+            if any(id(call) in materialised for call, _ in uses[key]):
+                crossed.discard(key)
+                materialised.update(id(call) for call, _ in uses[key])
+                changed = True
+    cross_factors = {key: [factors[id(call)][name] for call, name in uses[key]] for key in crossed}
+    return materialised, cross_factors
 
 
 def _count_shared_with_submodules(module: nn.Module, params: List[nn.Parameter]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import op
+from .linear import batch_chunks
 
 
 def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -82,3 +83,43 @@ def embedding_grad_sample(
     if padding_idx >= 0:
         grads[:, padding_idx] = 0
     return grads
+
+
+# -- cross terms of a tied embedding weight ----------------------------------------------------
+# An embedding use contributes G_i = sum_t onehot(id_t) ⊗ y_t (y_t the token's output gradient);
+# against another use sum_s x_s ⊗ y'_s the inner product is sum_{t,s} (onehot(id_t)·x_s)(y_t·y'_s),
+# and onehot(id_t)·x_s = x_s[id_t] is a gather (a token-equality test when x is one-hot too).
+# Padding tokens are expected with y_t = 0 (the rule zeroes them): they contribute nothing.
+# A gather and a batched GEMM: plain functions, not dispatched ops (see the linear cross terms).
+
+
+def embedding_linear_cross_inner(
+    ids: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample <sum_t onehot(ids_t) ⊗ y1_t, sum_s x2_s ⊗ y2_s> for ids: [B, T1] (int), y1: [B, T1, d],
+    x2: [B, T2, V], y2: [B, T2, d]: [B] in float32 (float64 for float64)."""
+    B, T1 = ids.shape
+    T2 = x2.shape[1]
+    dtype = torch.promote_types(torch.promote_types(y1.dtype, y2.dtype), torch.promote_types(x2.dtype, torch.float32))
+    out = torch.empty(B, dtype=dtype, device=y1.device)
+    for rows in batch_chunks(B, 3 * T1 * T2):
+        # x2[i, s, ids[i, t]] for every (s, t): [chunk, T2, T1]
+        index = ids[rows].long().unsqueeze(1).expand(-1, T2, -1)
+        x_gram = torch.gather(x2[rows], 2, index).to(dtype)
+        y_gram = torch.bmm(y2[rows].to(dtype), y1[rows].to(dtype).mT)
+        out[rows] = (x_gram * y_gram).sum((1, 2))
+    return out
+
+
+def embedding_cross_inner(ids1: torch.Tensor, y1: torch.Tensor, ids2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """Per-sample <sum_t onehot(ids1_t) ⊗ y1_t, sum_s onehot(ids2_s) ⊗ y2_s> (two lookups of one table):
+    sum over token pairs with equal ids of y1_t · y2_s, [B]."""
+    B, T1 = ids1.shape
+    T2 = ids2.shape[1]
+    dtype = torch.promote_types(torch.promote_types(y1.dtype, y2.dtype), torch.float32)
+    out = torch.empty(B, dtype=dtype, device=y1.device)
+    for rows in batch_chunks(B, 3 * T1 * T2):
+        same = ids1[rows].unsqueeze(2) == ids2[rows].unsqueeze(1)  # [chunk, T1, T2]
+        y_gram = torch.bmm(y1[rows].to(dtype), y2[rows].to(dtype).mT)
+        out[rows] = (y_gram * same).sum((1, 2))
+    return out

@@ -105,3 +105,58 @@ def linear_bias_clipped_grad(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def linear_grad_sample(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients g_iᵀ a_i: [B, p, d]."""
     return torch.bmm(g.mT, a)
+
+
+# -- cross terms of a shared (tied) parameter -------------------------------------------------
+# A parameter used by several calls has per-sample gradient G_i = sum_u G_i^(u); the norm of the
+# sum needs the inner products <G_i^(u), G_i^(v)> of the uses. Each use is a sum of outer
+# products G_i^(u) = sum_t x_it ⊗ y_it (linear: x = g, y = a), so the inner product is
+# sum_{t,s} (x_it · x'_is)(y_it · y'_is): two cross Grams, never the p×d gradients.
+# These are batched GEMMs that torch runs well on any device, so they are plain functions, not
+# dispatched ops (a fused kernel keeping the T1×T2 Grams on chip could make them ops later).
+
+
+def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def choose_cross_method(T1: int, T2: int, p: int, d: int) -> str:
+    """``"ghost"`` (cross Grams, ~2B·T1·T2·(p+d) FLOPs) unless forming both G_i costs less
+    (``"direct"``, ~2B·(T1+T2)·p·d FLOPs, a chunk of samples at a time)."""
+    return "ghost" if T1 * T2 * (p + d) <= (T1 + T2) * p * d else "direct"
+
+
+def linear_cross_inner_ghost(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """<x1_iᵀ y1_i, x2_iᵀ y2_i>_F per sample as <x1_i x2_iᵀ, y1_i y2_iᵀ> (T1×T2 cross Grams): [B]."""
+    B, T1, p = x1.shape
+    T2, d = x2.shape[1], y1.shape[-1]
+    dtype = _accumulation_dtype(x1, y1, x2, y2)
+    out = torch.empty(B, dtype=dtype, device=x1.device)
+    for rows in batch_chunks(B, (T1 + T2) * (p + d) + 2 * T1 * T2):
+        x_gram = torch.bmm(x1[rows].to(dtype), x2[rows].to(dtype).mT)
+        y_gram = torch.bmm(y1[rows].to(dtype), y2[rows].to(dtype).mT)
+        out[rows] = (x_gram * y_gram).sum((1, 2))
+    return out
+
+
+def linear_cross_inner_direct(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """<x1_iᵀ y1_i, x2_iᵀ y2_i>_F per sample by forming both p×d products, a chunk of samples at a time: [B]."""
+    B, T1, p = x1.shape
+    T2, d = x2.shape[1], y1.shape[-1]
+    dtype = _accumulation_dtype(x1, y1, x2, y2)
+    out = torch.empty(B, dtype=dtype, device=x1.device)
+    for rows in batch_chunks(B, (T1 + T2) * (p + d) + 2 * p * d):
+        first = torch.bmm(x1[rows].to(dtype).mT, y1[rows].to(dtype))
+        second = torch.bmm(x2[rows].to(dtype).mT, y2[rows].to(dtype))
+        out[rows] = (first * second).sum((1, 2))
+    return out
+
+
+def linear_cross_inner(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """Per-sample <sum_t x1_t ⊗ y1_t, sum_s x2_s ⊗ y2_s> for x: [B, T, p], y: [B, T, d] (T may differ
+    between the two uses), by the cheaper method for these shapes; float32 (float64 for float64) [B]."""
+    method = choose_cross_method(x1.shape[1], x2.shape[1], x1.shape[-1], y1.shape[-1])
+    return (linear_cross_inner_ghost if method == "ghost" else linear_cross_inner_direct)(x1, y1, x2, y2)

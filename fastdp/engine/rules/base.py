@@ -9,7 +9,10 @@ them into what one DP step needs without ever forming the non-private gradient:
 - ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter, with one
   factor vector ``c`` for all of them or one per parameter name (per-layer clipping);
 - ``grad_sample``: the materialised per-sample gradients ``[B, *p.shape]`` (hooks
-  mode, tests, and the generic fallback for the two methods above).
+  mode, tests, and the generic fallback for the two methods above);
+- ``outer_factors`` (optional): each parameter's per-sample gradient as a sum of outer
+  products, which lets the engine add the cross terms of a parameter shared by several
+  calls (tied embedding / lm_head) instead of materialising its per-sample gradients.
 
 ``grad_output`` is the gradient of the *summed* per-sample losses (the engine undoes
 a mean reduction before calling the rule). Frozen parameters (``requires_grad=False``)
@@ -18,10 +21,13 @@ never appear in any result.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, NamedTuple, Tuple, Union
 
 import torch
 from torch import nn
+
+from ...ops.embedding import embedding_cross_inner, embedding_linear_cross_inner
+from ...ops.linear import linear_cross_inner
 
 
 ClipFactors = Union[torch.Tensor, Dict[str, torch.Tensor]]
@@ -30,6 +36,34 @@ ClipFactors = Union[torch.Tensor, Dict[str, torch.Tensor]]
 def factors_for(clip_factors: ClipFactors, name: str) -> torch.Tensor:
     """The clip factors of parameter ``name``: shared by all parameters, or its own."""
     return clip_factors[name] if isinstance(clip_factors, dict) else clip_factors
+
+
+class OuterFactors(NamedTuple):
+    """A per-sample gradient ``G_i = sum_t left_it ⊗ right_it`` in the parameter's own layout.
+
+    ``left``: ``[B, T, P]`` (P = the parameter's first dimension), or an integer tensor ``[B, T]``
+    of row indices standing for one-hot rows of length P (an embedding lookup: never formed).
+    ``right``: ``[B, T, Q]`` with Q the product of the parameter's remaining dimensions (1 for a
+    bias). T may differ between two uses of one parameter.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def is_lookup(self) -> bool:
+        return not self.left.is_floating_point()
+
+
+def outer_inner_product(first: OuterFactors, second: OuterFactors) -> torch.Tensor:
+    """Per-sample ``<G_i, G'_i>`` of two uses of one parameter, ``[B]`` float32 (float64 for float64)."""
+    if first.is_lookup and second.is_lookup:
+        return embedding_cross_inner(first.left, first.right, second.left, second.right)
+    if first.is_lookup:
+        return embedding_linear_cross_inner(first.left, first.right, second.left, second.right)
+    if second.is_lookup:
+        return embedding_linear_cross_inner(second.left, second.right, first.left, first.right)
+    return linear_cross_inner(first.left, first.right, second.left, second.right)
 
 
 class LayerRule:
@@ -66,6 +100,13 @@ class LayerRule:
         for norm_sq in self.norm_sq_per_param(module, inputs, grad_output).values():
             total += norm_sq
         return total
+
+    def outer_factors(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
+        """``{name: OuterFactors}`` for the trainable parameters whose per-sample gradient is a sum of outer
+        products (linear-type layers, lookups); others are left out. Only asked for parameters shared by
+        several calls: with every use providing them, the engine adds the cross terms of the uses to their
+        norms and never materialises that parameter's per-sample gradients."""
+        return {}
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq
 from . import register_rule
-from .base import ClipFactors, LayerRule, factors_for
+from .base import ClipFactors, LayerRule, OuterFactors, factors_for
 
 
 class TokenList(NamedTuple):
@@ -93,6 +93,18 @@ class EmbeddingRule(EmbeddingLookupRule):
         return TokenList(
             ids.reshape(-1).long(), sample_of_token, grad_output.reshape(-1, module.embedding_dim), batch_size
         )
+
+    def outer_factors(self, module: nn.Embedding, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
+        """weight [V, D]: sum_t onehot(id_t) ⊗ g_t, the one-hot kept as the ids; padding tokens get g_t = 0
+        (torch never updates that row from a lookup; another use of a tied weight may)."""
+        if not self.trainable_params(module):
+            return {}
+        ids = inputs[0]
+        ids = ids.reshape(ids.shape[0], -1).long()
+        g = grad_output.reshape(ids.shape[0], ids.shape[1], module.embedding_dim)
+        if module.padding_idx is not None:
+            g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+        return {"weight": OuterFactors(ids, g)}
 
 
 register_rule(EmbeddingRule())

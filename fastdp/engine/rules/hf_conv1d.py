@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import register_rule_by_name
-from .base import ClipFactors
+from .base import ClipFactors, OuterFactors
 from .linear import LinearRule
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -37,6 +37,14 @@ class HFConv1DRule(LinearRule):
 
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         return _transposed_weight(super().grad_sample(module, inputs, grad_output))
+
+    def outer_factors(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
+        """weight [in, out]: sum_t a_t ⊗ g_t (the transpose of nn.Linear's); bias as nn.Linear's."""
+        factors = super().outer_factors(module, inputs, grad_output)
+        if "weight" in factors:
+            g, a = factors["weight"]
+            factors["weight"] = OuterFactors(a, g)
+        return factors
 
 
 register_rule_by_name(HFConv1DRule(), HF_CONV1D)

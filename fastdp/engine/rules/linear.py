@@ -12,7 +12,7 @@ from ...ops import uses_torch_reference
 
 from ...ops import linear as linear_ops
 from . import register_rule
-from .base import ClipFactors, LayerRule, factors_for
+from .base import ClipFactors, LayerRule, OuterFactors, factors_for
 
 
 def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +61,16 @@ class LinearRule(LayerRule):
             bias_grad = linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias"))
             grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
+
+    def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
+        """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""
+        a, g = self._sequence_view(inputs, grad_output)
+        factors = {}
+        if module.weight.requires_grad:
+            factors["weight"] = OuterFactors(g, a)
+        if module.bias is not None and module.bias.requires_grad:
+            factors["bias"] = OuterFactors(g, g.new_ones(g.shape[0], g.shape[1], 1))
+        return factors
 
     def grad_sample(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         a, g = common_dtype(*self._sequence_view(inputs, grad_output))
