@@ -114,7 +114,6 @@ def bench_conv(batch: int, dtype: torch.dtype) -> None:
             timed("materialise-then-norm (Opacus)", materialise_then_norm),
         ]
         report(f"conv {name}, B={batch}, {dtype} (T={T}, d={d}, p={p})", rows)
-        del x, g, x_padded
         torch.cuda.empty_cache()
 
 
