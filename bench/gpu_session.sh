@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh check   # build the CUDA extension (JIT), GPU tests of csrc/ and Triton kernels
 #   bash bench/gpu_session.sh kernels # per-kernel benchmarks vs cuBLAS/cuDNN and materialise-then-norm
 #   bash bench/gpu_session.sh steps MODELS   # whole-step table for a comma list of bench models
+#   bash bench/gpu_session.sh finetune [METHODS [NONPRIVATE_LARGEST]]
+#                                     # GPT-2-medium bf16: largest batch per method, throughput there
 #
 # Runs from the repository root on the device machine (torch with CUDA, triton, nvcc, ninja; no
 # internet, so nothing is pip-installed: the checkout is used through PYTHONPATH). Writes logs and
@@ -40,7 +42,18 @@ case "${1:-check}" in
     # the device tool returns at most 8 files: the tables, and the per-process logs in one archive
     cp /tmp/fastdp-steps/results.* "$OUT/" && tar -czf "$OUT/step-logs.tgz" -C /tmp/fastdp-steps logs
     ;;
+  finetune)
+    # one process per probe: may pass 10 min for all four methods; split with METHODS and, in the
+    # later call, non-private's largest batch from the first (then it is timed, not searched)
+    args=(--out /tmp/fastdp-finetune --methods "${2:-nonprivate,fastdp-bk,fastdp-bk-per_layer,opacus-ghost}")
+    [ -n "${3:-}" ] && args+=(--nonprivate-largest "$3")
+    # SIGINT before the device tool's limit: the run stops its child process and the files below are copied
+    timeout -s INT 560 python -m bench.bench_largest_batch "${args[@]}" > "$OUT/finetune.txt" 2>&1
+    cp /tmp/fastdp-finetune/results.json "$OUT/finetune-results.json"
+    cp /tmp/fastdp-finetune/results.md "$OUT/finetune-results.md"
+    tar -czf "$OUT/finetune-logs.tgz" -C /tmp/fastdp-finetune logs
+    ;;
   *)
-    echo "usage: $0 check|kernels|steps [models]" >&2; exit 2 ;;
+    echo "usage: $0 check|kernels|steps [models]|finetune [methods [nonprivate-largest]]" >&2; exit 2 ;;
 esac
 cat "$OUT"/*.txt 2>/dev/null | tail -60

@@ -6,7 +6,8 @@ whole training step on the fixed batch ``(x, y)``: forward, backward, clipping, 
 the optimizer step. A step may return its own duration in seconds; microbatching does,
 because it times only some of the samples and extrapolates.
 
-Every DP method uses σ = NOISE_MULTIPLIER, C = MAX_GRAD_NORM, flat clipping, the mean
+Every DP method uses σ = NOISE_MULTIPLIER, C = MAX_GRAD_NORM, flat clipping (except
+fastdp-bk-per_layer: per-parameter bounds whose 2-norm is C), the mean
 loss, and a fixed batch: the batch size is B every step (no Poisson sampling), so the
 step cost is measured, not the data loader.
 """
@@ -104,7 +105,7 @@ def _torch_rnn_layers(model: nn.Module) -> List[str]:
     ]
 
 
-def fastdp_method(mode: str):
+def fastdp_method(mode: str, clipping: str = "flat"):
     def prepare(spec, x, y, run) -> Prepared:
         from fastdp import ModuleValidator, PrivacyEngine
 
@@ -115,12 +116,16 @@ def fastdp_method(mode: str):
             note = (f"{', '.join(sorted(set(left)))} left as is by fastdp.ModuleValidator.fix (no fastdp DP layer): "
                     "the engine's torch.func fallback handles it")
         optimizer = _sgd(model.parameters())
+        max_grad_norm = MAX_GRAD_NORM
+        if clipping == "per_layer":  # one bound per parameter with ‖bounds‖₂ = C: the noise of flat clipping
+            count = sum(p.requires_grad for p in model.parameters())
+            max_grad_norm = [MAX_GRAD_NORM / count**0.5] * count
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="poisson_sampling=False")
             model, optimizer, _ = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=_one_batch_loader(x, y),
-                noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
-                poisson_sampling=False, grad_sample_mode=mode,
+                noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=max_grad_norm,
+                poisson_sampling=False, grad_sample_mode=mode, clipping=clipping,
             )
         return Prepared(_plain_step(model, optimizer, spec.criterion(), x, y, run), note=note)
 
@@ -194,13 +199,13 @@ def torchfunc(spec, x, y, run) -> Prepared:
     return Prepared(step)
 
 
-def _replace_rnn_layers(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> int:
-    """Swap every torch nn.LSTM in ``model`` for ``make(lstm)``; returns how many were swapped."""
+def _replace_rnn_layers(model: nn.Module, make: Dict[type, Callable[[nn.Module], nn.Module]]) -> int:
+    """Swap every torch layer of a type in ``make`` (e.g. nn.LSTM) for ``make[type](layer)``; returns how many."""
     swapped = 0
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.LSTM:
-                setattr(parent, name, make(child))
+            if type(child) in make:
+                setattr(parent, name, make[type(child)](child))
                 swapped += 1
     return swapped
 
@@ -210,15 +215,15 @@ def opacus_method(mode: str):
         if importlib.util.find_spec("opacus") is None:
             raise MethodUnavailable("opacus not installed")
         from opacus import PrivacyEngine
-        from opacus.layers import DPLSTM
+        from opacus.layers import DPGRU, DPLSTM
         from opacus.validators import ModuleValidator
 
+        def opacus_layer(dp_class):
+            return lambda rnn: dp_class(rnn.input_size, rnn.hidden_size, num_layers=rnn.num_layers, bias=rnn.bias,
+                                        batch_first=rnn.batch_first, bidirectional=rnn.bidirectional).to(x.device)
+
         model = spec.model
-        _replace_rnn_layers(
-            model,
-            lambda lstm: DPLSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers, bias=lstm.bias,
-                                batch_first=lstm.batch_first, bidirectional=lstm.bidirectional).to(x.device),
-        )
+        _replace_rnn_layers(model, {nn.LSTM: opacus_layer(DPLSTM), nn.GRU: opacus_layer(DPGRU)})
         model = ModuleValidator.fix(model)
         optimizer = _sgd(model.parameters())
         criterion = spec.criterion()
@@ -243,6 +248,7 @@ METHODS: Dict[str, Callable] = {
     "fastdp-bk": fastdp_method("bk"),
     "fastdp-hooks": fastdp_method("hooks"),
     "fastdp-functorch": fastdp_method("functorch"),
+    "fastdp-bk-per_layer": fastdp_method("bk", clipping="per_layer"),
     **{name: fastdp_method("bk") for name in BACKEND_OF_METHOD},
     "microbatch": microbatch,
     "torchfunc": torchfunc,

@@ -108,6 +108,20 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class GRUClassifier(nn.Module):
+    """Embedding → one-layer GRU → Linear on the last time step's output: the LSTM classifier's twin."""
+
+    def __init__(self, vocab: int, embedding_dim: int, hidden: int, num_classes: int = 10):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding_dim)
+        self.gru = nn.GRU(embedding_dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens):
+        out, _ = self.gru(self.embedding(tokens))
+        return self.fc(out[:, -1])
+
+
 # -- GPT-2-shaped language model ------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -235,6 +249,15 @@ def _lstm(quick):
     )
 
 
+def _gru(quick):
+    vocab, embedding_dim, hidden, length, batch = (1000, 16, 32, 16, 8) if quick else (10000, 128, 256, 128, 256)
+    return ModelSpec(
+        "gru", f"GRU classifier emb {embedding_dim}, hidden {hidden}, T={length}, B={batch}",
+        GRUClassifier(vocab, embedding_dim, hidden), batch, _tokens(vocab, length, classes=10),
+        microbatch_samples=None if quick else 32,
+    )
+
+
 def _gpt2(quick):
     vocab, context, dim, layers, heads, batch = (1000, 32, 64, 2, 4, 4) if quick else (50257, 256, 768, 12, 12, 16)
     return ModelSpec(
@@ -251,7 +274,7 @@ def _embedding_bag(quick):
     )
 
 
-MODELS = {"mlp": _mlp, "resnet18": _resnet18, "lstm": _lstm, "gpt2": _gpt2, "embbag": _embedding_bag}
+MODELS = {"mlp": _mlp, "resnet18": _resnet18, "lstm": _lstm, "gru": _gru, "gpt2": _gpt2, "embbag": _embedding_bag}
 
 
 def build(name: str, quick: bool = False) -> ModelSpec:
