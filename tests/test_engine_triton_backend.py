@@ -79,3 +79,21 @@ def test_triton_noise_pass_in_the_optimizer(monkeypatch, record_backends):
     assert record_backends["add_noise_and_scale"] == {"triton"}
     # 1230 draws of N(0, (2 · 0.5 / 4)²): the sample std is within 10% with overwhelming probability
     assert abs(float(noise.std()) / 0.25 - 1) < 0.1
+
+
+def test_forced_only_kernel_is_skipped_by_automatic_dispatch(monkeypatch):
+    """A kernel registered with automatic=False runs only when FASTDP_BACKEND names its backend."""
+    monkeypatch.delenv("FASTDP_BACKEND", raising=False)
+    ops.load_kernels()
+    impls = ops.available_impls("linear_clipped_grad")
+
+    class FakeCuda(torch.Tensor):  # select_impl reads only .is_cuda
+        @property
+        def is_cuda(self):
+            return True
+
+    a = torch.zeros(1, 1, 1).as_subclass(FakeCuda)
+    assert ops.select_impl("linear_clipped_grad", a) is impls["torch"]
+    assert ops.select_impl("linear_norm_sq_direct", a) is ops.available_impls("linear_norm_sq_direct")["triton"]
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    assert ops.select_impl("linear_clipped_grad", a) is impls["triton"]

@@ -23,15 +23,25 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "triton", "cuda")
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
+_FORCED_ONLY: set = set()  # (op, backend) pairs that automatic dispatch skips
 
 
-def register_impl(name: str, backend: str, fn: Callable) -> None:
-    """Add a kernel implementation of op ``name`` for ``backend``."""
+def register_impl(name: str, backend: str, fn: Callable, *, automatic: bool = True) -> None:
+    """Add a kernel implementation of op ``name`` for ``backend``.
+
+    ``automatic=False``: run it only when FASTDP_BACKEND asks for ``backend``; automatic
+    dispatch on CUDA tensors keeps the next choice (for a kernel not yet measured faster
+    than the torch path, e.g. a GEMM against cuBLAS).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if name not in _IMPLS:
         raise ValueError(f"unknown op {name!r}; known ops: {sorted(_IMPLS)}")
     _IMPLS[name][backend] = fn
+    if automatic:
+        _FORCED_ONLY.discard((name, backend))
+    else:
+        _FORCED_ONLY.add((name, backend))
 
 
 def requested_backend() -> str | None:
@@ -87,7 +97,7 @@ def select_impl(name: str, *args) -> Callable:
         return impls["torch"]
     if tensor is not None and tensor.is_cuda:
         for backend in ("cuda", "triton"):
-            if backend in impls:
+            if backend in impls and (name, backend) not in _FORCED_ONLY:
                 return impls[backend]
     return impls["torch"]
 
