@@ -12,7 +12,8 @@ Per shape (B, T, d, p) it prints milliseconds (triton.testing.do_bench, median) 
 
 Then the noise pass over a flat fp32 buffer: the Triton kernel against the torch reference
 (randn, add, scale). Before timing, each kernel's result is checked against its torch reference
-and the relative error printed. fp32 matmuls run in IEEE fp32 (TF32 off), like the kernels.
+and the relative error printed. fp32 cuBLAS baselines run in IEEE fp32 (TF32 off); the kernels' fp32 dots use tf32x3
+(rerun with torch.backends.cuda.matmul.allow_tf32 = True for the TF32 baseline).
 Nothing is written to disk. Without CUDA (or triton) it says so and exits 0.
 """
 

@@ -19,9 +19,10 @@ buffer summed by torch, so results are deterministic (no atomics).
 the clip-scaled output gradient; a Triton version would re-implement that implicit GEMM with
 nothing to fuse but the per-sample scaling.
 
-fp32 tiles are multiplied with ``input_precision="ieee"``: TF32 rounds inputs to 10 mantissa
-bits, which can shift norms by up to ~1e-3 relative, and an under-estimated norm weakens the
-clipping bound that the privacy guarantee rests on. bf16/fp16 products are exact in the fp32
+fp32 tiles are multiplied with ``input_precision="tf32x3"`` (as ``_triton_utils.dot_fp32``):
+plain TF32 rounds inputs to 10 mantissa bits, which can shift norms by up to ~1e-3 relative,
+and an under-estimated norm weakens the clipping bound that the privacy guarantee rests on;
+tf32x3 stays within ~1e-6 of fp32. bf16/fp16 products are exact in the fp32
 accumulator. Empty, float64 or mixed-dtype inputs run the torch reference.
 """
 
@@ -39,7 +40,7 @@ from fastdp.ops.linear import choose_linear_norm_method
 
 from ._triton_utils import check_device, kernel_handles  # importing it also fixes bf16 tl.dot in the interpreter
 
-_FP32_DOT_PRECISION = "ieee"
+_FP32_DOT_PRECISION = "tf32x3"
 #: Largest tile edges: along C_out/groups and the patch width d, and along output positions T.
 MAX_BLOCK_PK = 64
 MAX_BLOCK_T = 32

@@ -125,7 +125,7 @@ def linear_bias_clipped_grad(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 # Not the automatic choice on CUDA until measured: the torch path is one cuBLAS GEMM after a
-# scale (TF32 where torch allows it), this kernel fp32-IEEE without split-K. Compare them with
+# scale (TF32 where torch allows it), this kernel fp32 via tf32x3 and without split-K. Compare them with
 # `python -m bench.bench_kernels_linear` and FASTDP_BACKEND=triton|torch in `python -m bench`.
 register_impl("linear_clipped_grad", "triton", linear_clipped_grad, automatic=False)
 register_impl("linear_bias_clipped_grad", "triton", linear_bias_clipped_grad)
