@@ -140,14 +140,9 @@ def worker(args) -> dict:
     import torch
 
     from bench.methods import METHODS, RunSettings
-    from bench.step import PeakMemory, _error_text
+    from bench.step import PeakMemory, _error_text, configure_device
 
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
+    device = configure_device(args)
     result = {"method": args.method, "batch_size": args.batch, "kind": args.worker, "ok": False, "oom": False}
     try:
         spec = build_spec(args.model, args.quick, args.seq_len, args.dtype, args.batch, device)

@@ -81,11 +81,9 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def run(args) -> dict:
+def configure_device(args):
+    """The torch device of ``args.device``, with ``args.threads`` CPU threads and TF32 per ``args.tf32``."""
     import torch
-
-    from bench.methods import METHODS, RunSettings
-    from bench.models import build
 
     device = torch.device(args.device)
     if args.threads:
@@ -93,6 +91,16 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+    return device
+
+
+def run(args) -> dict:
+    import torch
+
+    from bench.methods import METHODS, RunSettings
+    from bench.models import build
+
+    device = configure_device(args)
     result = {"model": args.model, "method": args.method, "ok": False}
     prepared = None
     try:
