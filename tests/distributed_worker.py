@@ -408,9 +408,12 @@ def fsdp_bad_input(rank, world_size):
         make_private(shard(nn.Sequential(nn.Linear(FEATURES, 4), Scale(4), nn.Linear(4, CLASSES))))
     with pytest.raises(ValueError, match="DistributedSampler"):
         make_private(shard(fsdp_model()), DataLoader(data, batch_size=8, shuffle=True))
-    module, optimizer, _ = make_private(shard(fsdp_model()))
+    module, optimizer, loader = make_private(shard(fsdp_model()))
     with pytest.raises(ValueError, match="BatchMemoryManager cannot split batches under FSDP"):
         optimizer.signal_skip_step(True)
+    # refused at construction, on every rank alike (no rank is left waiting in a collective)
+    with pytest.raises(ValueError, match="BatchMemoryManager cannot split batches under FSDP"):
+        BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=optimizer)
 
 
 def example_trains(rank, world_size, *, wrapper):

@@ -87,12 +87,15 @@ class FSDPDPOptimizer(DistributedDPOptimizer):
             sharded_layout(p, self.world_size, self.rank)
             self._fsdp_params[id(p)] = by_id[id(p)]
 
+    #: why virtual steps are refused (BatchMemoryManager checks this on every rank at construction)
+    virtual_steps_unsupported = (
+        "BatchMemoryManager cannot split batches under FSDP: ranks would run different numbers of forward "
+        "passes, each with FSDP all-gathers; use a smaller sample rate or DDP"
+    )
+
     def signal_skip_step(self, do_skip: bool = True) -> None:
         if do_skip:
-            raise ValueError(
-                "BatchMemoryManager cannot split batches under FSDP: ranks would run different numbers of forward "
-                "passes, each with FSDP all-gathers; use a smaller sample rate or DDP"
-            )
+            raise ValueError(self.virtual_steps_unsupported)
         super().signal_skip_step(do_skip)
 
     def _noise_and_scale(self, *, noise: bool, scale: bool) -> None:

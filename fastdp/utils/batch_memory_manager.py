@@ -63,6 +63,8 @@ class BatchMemoryManager:
             raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
         if not hasattr(optimizer, "signal_skip_step"):
             raise ValueError("optimizer must be a fastdp DPOptimizer (from PrivacyEngine.make_private)")
+        if getattr(optimizer, "virtual_steps_unsupported", None):  # refused on every rank, before any batch
+            raise ValueError(optimizer.virtual_steps_unsupported)
         if getattr(data_loader, "padded_batch_size", None) is not None:
             raise ValueError(
                 "data_loader pads every batch to padded_batch_size, which BatchMemoryManager's physical chunks "
