@@ -19,11 +19,10 @@ buffer summed by torch, so results are deterministic (no atomics).
 the clip-scaled output gradient; a Triton version would re-implement that implicit GEMM with
 nothing to fuse but the per-sample scaling.
 
-fp32 tiles are multiplied with ``input_precision="tf32x3"`` (as ``_triton_utils.dot_fp32``):
-plain TF32 rounds inputs to 10 mantissa bits, which can shift norms by up to ~1e-3 relative,
-and an under-estimated norm weakens the clipping bound that the privacy guarantee rests on;
-tf32x3 stays within ~1e-6 of fp32. bf16/fp16 products are exact in the fp32
-accumulator. Empty, float64 or mixed-dtype inputs run the torch reference.
+Tiles are multiplied by ``_triton_utils.dot_fp32`` (fp32 as tf32x3, not TF32: an
+under-estimated norm weakens the clipping bound that the privacy guarantee rests on;
+bf16/fp16 products are exact in the fp32 accumulator). Empty, float64 or mixed-dtype
+inputs run the torch reference.
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ from fastdp.ops import conv as _ops
 from fastdp.ops import register_impl
 from fastdp.ops.linear import choose_linear_norm_method
 
-from ._triton_utils import check_device, kernel_handles  # importing it also fixes bf16 tl.dot in the interpreter
+from ._triton_utils import check_device, dot_fp32, kernel_handles  # importing it also fixes bf16 tl.dot in the interpreter
 
-_FP32_DOT_PRECISION = "tf32x3"
 #: Largest tile edges: along C_out/groups and the patch width d, and along output positions T.
 MAX_BLOCK_PK = 64
 MAX_BLOCK_T = 32
@@ -73,7 +71,7 @@ def _conv_direct_kernel(
     SD, SH, SW, DD, DH, DW,
     OUT_H: tl.constexpr, OUT_W: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    STORE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One [BLOCK_P, BLOCK_K] tile of G = gᵀA for one (sample, group): its squared sum, or the tile itself."""
@@ -98,7 +96,7 @@ def _conv_direct_kernel(
         a_mask = row_mask[:, None] & col_mask[None, :]
         a = tl.load(x_base + row_offset[:, None] + col_offset[None, :], mask=a_mask, other=0.0)
         g_t = tl.load(g_base[:, None] + t[None, :] * sgt, mask=mask_p[:, None] & row_mask[None, :], other=0.0)
-        acc = tl.dot(g_t, a, acc, input_precision=PRECISION)
+        acc = dot_fp32(g_t, a, acc)
 
     if STORE_GRAD:  # out: [B, C_out, d]
         out = out_ptr + (b * groups * p + group * p + rows_p)[:, None] * d + cols_k[None, :]
@@ -115,7 +113,6 @@ def _conv_ghost_kernel(
     SD, SH, SW, DD, DH, DW,
     OUT_H: tl.constexpr, OUT_W: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """sum over one [BLOCK_T, BLOCK_T] block (i, j) of (A Aᵀ) ⊙ (g gᵀ) for one (sample, group).
@@ -142,7 +139,7 @@ def _conv_ghost_kernel(
             cols, col_mask = _patch_cols(k0 + tl.arange(0, BLOCK_K), d, KD, KH, KW, DD, DH, DW, sxc, sxd, sxh, sxw)
             a_i = tl.load(x_base + rows_i[:, None] + cols[None, :], mask=mask_i[:, None] & col_mask[None, :], other=0.0)
             a_j = tl.load(x_base + rows_j[:, None] + cols[None, :], mask=mask_j[:, None] & col_mask[None, :], other=0.0)
-            a_gram = tl.dot(a_i, tl.trans(a_j), a_gram, input_precision=PRECISION)
+            a_gram = dot_fp32(a_i, tl.trans(a_j), a_gram)
 
         g_gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
         g_base = g_ptr + b * sgb + group * p * sgc
@@ -151,7 +148,7 @@ def _conv_ghost_kernel(
             ch_mask = (ch < p)[None, :]
             g_i = tl.load(g_base + ch[None, :] * sgc + t_i[:, None] * sgt, mask=mask_i[:, None] & ch_mask, other=0.0)
             g_j = tl.load(g_base + ch[None, :] * sgc + t_j[:, None] * sgt, mask=mask_j[:, None] & ch_mask, other=0.0)
-            g_gram = tl.dot(g_i, tl.trans(g_j), g_gram, input_precision=PRECISION)
+            g_gram = dot_fp32(g_i, tl.trans(g_j), g_gram)
 
         weight = tl.where(j > i, 2.0, 1.0)
         tl.store(out_ptr + pid, weight * tl.sum(tl.sum(a_gram * g_gram, axis=1), axis=0))
@@ -182,8 +179,7 @@ def _launch_args(x, g, kernel_size, stride, dilation, groups):
     tensors = (x5, g3)
     scalars = (T, d, p, groups, C_g, *x5.stride(), *g3.stride(), *_as_3d(stride), *_as_3d(dilation))
     shape = dict(OUT_H=out_sizes[1], OUT_W=out_sizes[2], KD=kd, KH=kh, KW=kw)
-    flags = dict(PRECISION=_FP32_DOT_PRECISION)  # ignored for bf16/fp16 tiles
-    return tensors, scalars, shape, flags, (T, d, p)
+    return tensors, scalars, shape, (T, d, p)
 
 
 def _check_geometry(x, g, kernel_size, stride, dilation, groups):
@@ -214,12 +210,12 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
 
 def ghost_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
     """Per-sample squared norms by the Gram form, whatever the shape (float32 [B])."""
-    tensors, scalars, shape, flags, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
+    tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     block_t = _block(T, MAX_BLOCK_T)
     tiles = triton.cdiv(T, block_t) ** 2
     partial = torch.zeros(x.shape[0] * groups * tiles, dtype=torch.float32, device=x.device)
     _conv_ghost_kernel[(partial.numel(),)](
-        *tensors, partial, *scalars, **shape, **flags,
+        *tensors, partial, *scalars, **shape,
         BLOCK_T=block_t, BLOCK_K=_block(d, MAX_BLOCK_PK), BLOCK_P=_block(p, MAX_BLOCK_PK),
     )
     return partial.view(x.shape[0], -1).sum(1)
@@ -227,12 +223,12 @@ def ghost_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Ten
 
 def direct_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
     """Per-sample squared norms by forming G tile by tile on chip, whatever the shape (float32 [B])."""
-    tensors, scalars, shape, flags, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
+    tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     block_p, block_k = _block(p, MAX_BLOCK_PK), _block(d, MAX_BLOCK_PK)
     tiles = triton.cdiv(p, block_p) * triton.cdiv(d, block_k)
     partial = torch.empty(x.shape[0] * groups * tiles, dtype=torch.float32, device=x.device)
     _conv_direct_kernel[(partial.numel(),)](
-        *tensors, partial, *scalars, **shape, **flags,
+        *tensors, partial, *scalars, **shape,
         STORE_GRAD=False, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=_block(T, MAX_BLOCK_T),
     )
     return partial.view(x.shape[0], -1).sum(1)
@@ -242,13 +238,13 @@ def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) ->
     """Triton ``conv_weight_grad_sample``: [B, C_out, C_in/groups, *kernel_size] in the input dtype."""
     if not kernel_handles(x, g):  # empty, float64 or mixed dtypes
         return _ops.conv_weight_grad_sample.torch_reference(x, g, kernel_size, stride, dilation, groups)
-    tensors, scalars, shape, flags, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
+    tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     batch = x.shape[0]
     out = torch.empty(batch, g.shape[1], x.shape[1] // groups, *kernel_size, dtype=x.dtype, device=x.device)
     block_p, block_k = _block(p, MAX_BLOCK_PK), _block(d, MAX_BLOCK_PK)
     tiles = triton.cdiv(p, block_p) * triton.cdiv(d, block_k)
     _conv_direct_kernel[(batch * groups * tiles,)](
-        *tensors, out, *scalars, **shape, **flags,
+        *tensors, out, *scalars, **shape,
         STORE_GRAD=True, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=_block(T, MAX_BLOCK_T),
     )
     return out

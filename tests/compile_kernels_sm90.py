@@ -82,7 +82,7 @@ class Spec:
 
 def _conv_shape(m):
     """A 3×3 2d conv on 32×32 outputs, with the largest tiles the wrappers pick."""
-    return dict(OUT_H=32, OUT_W=32, KD=1, KH=3, KW=3, PRECISION=m._FP32_DOT_PRECISION,
+    return dict(OUT_H=32, OUT_W=32, KD=1, KH=3, KW=3,
                 BLOCK_P=m.MAX_BLOCK_PK, BLOCK_K=m.MAX_BLOCK_PK, BLOCK_T=m.MAX_BLOCK_T)
 
 
