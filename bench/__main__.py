@@ -116,15 +116,22 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _header(args, device: str, argv: List[str]) -> dict:
-    header = {
+def environment_header(command: str, device: str) -> dict:
+    """What every results file records first: date, the command, device, versions, commit."""
+    return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python -m bench " + shlex.join(argv),
+        "command": command,
         "device": f"{device}: {_device_name(device)}",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "fastdp": _version("fastdp"),
         "git commit": _git_commit(),
+    }
+
+
+def _header(args, device: str, argv: List[str]) -> dict:
+    header = {
+        **environment_header("python -m bench " + shlex.join(argv), device),
         "python": platform.python_version(),
         "cpu threads per process": args.threads or f"torch default ({torch.get_num_threads()})",
         "preset": "quick (scaled-down models)" if args.quick else "full",

@@ -270,16 +270,10 @@ def _resolve_defaults(args, parser) -> None:
 def _header(args, argv: List[str]) -> dict:
     import torch
 
-    from bench.__main__ import _device_name, _git_commit, _version
+    from bench.__main__ import _version, environment_header
 
     header = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python -m bench.bench_largest_batch " + shlex.join(argv),
-        "device": f"{args.device}: {_device_name(args.device)}",
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "fastdp": _version("fastdp"),
-        "git commit": _git_commit(),
+        **environment_header("python -m bench.bench_largest_batch " + shlex.join(argv), args.device),
         "model": model_description(args.model, args.quick, args.seq_len),
         "dtype": f"{args.dtype}: {DTYPES[args.dtype]}",
         "optimizer": "SGD lr 1e-3; DP: σ = 1.0, C = 1.0, mean loss, fixed batch (no Poisson sampling)",
