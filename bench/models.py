@@ -93,32 +93,18 @@ class ResNet18GN(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-# -- LSTM classifier ----------------------------------------------------------------------------
-class LSTMClassifier(nn.Module):
-    """Embedding → one-layer LSTM → Linear on the last time step's output."""
+# -- recurrent classifiers ----------------------------------------------------------------------
+class RecurrentClassifier(nn.Module):
+    """Embedding → one-layer ``cell`` (nn.LSTM or nn.GRU) → Linear on the last time step's output."""
 
-    def __init__(self, vocab: int, embedding_dim: int, hidden: int, num_classes: int = 10):
+    def __init__(self, cell: type, vocab: int, embedding_dim: int, hidden: int, num_classes: int = 10):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embedding_dim)
-        self.lstm = nn.LSTM(embedding_dim, hidden, batch_first=True)
+        self.rnn = cell(embedding_dim, hidden, batch_first=True)
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens):
-        out, _ = self.lstm(self.embedding(tokens))
-        return self.fc(out[:, -1])
-
-
-class GRUClassifier(nn.Module):
-    """Embedding → one-layer GRU → Linear on the last time step's output: the LSTM classifier's twin."""
-
-    def __init__(self, vocab: int, embedding_dim: int, hidden: int, num_classes: int = 10):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, embedding_dim)
-        self.gru = nn.GRU(embedding_dim, hidden, batch_first=True)
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, tokens):
-        out, _ = self.gru(self.embedding(tokens))
+        out, _ = self.rnn(self.embedding(tokens))
         return self.fc(out[:, -1])
 
 
@@ -240,22 +226,21 @@ def _resnet18(quick):
     )
 
 
-def _lstm(quick):
+def _recurrent(name: str, cell: type, quick: bool):
     vocab, embedding_dim, hidden, length, batch = (1000, 16, 32, 16, 8) if quick else (10000, 128, 256, 128, 256)
     return ModelSpec(
-        "lstm", f"LSTM classifier emb {embedding_dim}, hidden {hidden}, T={length}, B={batch}",
-        LSTMClassifier(vocab, embedding_dim, hidden), batch, _tokens(vocab, length, classes=10),
+        name, f"{name.upper()} classifier emb {embedding_dim}, hidden {hidden}, T={length}, B={batch}",
+        RecurrentClassifier(cell, vocab, embedding_dim, hidden), batch, _tokens(vocab, length, classes=10),
         microbatch_samples=None if quick else 32,
     )
+
+
+def _lstm(quick):
+    return _recurrent("lstm", nn.LSTM, quick)
 
 
 def _gru(quick):
-    vocab, embedding_dim, hidden, length, batch = (1000, 16, 32, 16, 8) if quick else (10000, 128, 256, 128, 256)
-    return ModelSpec(
-        "gru", f"GRU classifier emb {embedding_dim}, hidden {hidden}, T={length}, B={batch}",
-        GRUClassifier(vocab, embedding_dim, hidden), batch, _tokens(vocab, length, classes=10),
-        microbatch_samples=None if quick else 32,
-    )
+    return _recurrent("gru", nn.GRU, quick)
 
 
 def _gpt2(quick):
