@@ -273,14 +273,8 @@ class GradSampleModule(nn.Module):
             early = self._early
             if early is None:
                 early = self._early = _EarlyClipping(step.batch_size, step.device)
-            elif early.batch_size != step.batch_size:
-                raise ValueError(
-                    f"layers saw different batch sizes in one backward ({sorted({early.batch_size, step.batch_size})}); "
-                    "check batch_first, and pass inputs that the model broadcasts over the batch with one row per sample"
-                )
-            norm_sq = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
-            for value in step.norm_sq.values():
-                norm_sq += value
+            _check_batch_sizes({early.batch_size, step.batch_size})
+            norm_sq = step.total_norm_sq()
             early.norm_sq += norm_sq
             early.params.update(id(p) for p in call.params.values())
             # A sample with a non-finite norm here is left out of this call's clipped sums (each parameter
@@ -317,16 +311,10 @@ class GradSampleModule(nn.Module):
         step = _BackwardStep(
             calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean", loss_scale=self._loss_scale()
         )
-        if early is not None and early.batch_size != step.batch_size:
-            raise ValueError(
-                f"layers saw different batch sizes in one backward ({sorted({early.batch_size, step.batch_size})}); "
-                "check batch_first, and pass inputs that the model broadcasts over the batch with one row per sample"
-            )
-        total = torch.zeros(step.batch_size, dtype=torch.float32, device=step.device)
+        total = step.total_norm_sq()
         if early is not None:
+            _check_batch_sizes({early.batch_size, step.batch_size})
             total += early.norm_sq  # samples non-finite in a layer clipped early are left out here too
-        for norm_sq in step.norm_sq.values():
-            total += norm_sq
         self.per_sample_norms = total.sqrt()
         if self.mode != "bk":
             for param, grads in step.materialised.values():
@@ -409,11 +397,7 @@ class _BackwardStep:
 
     def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool, loss_scale=None):
         batch_sizes = {call.grad_output.shape[0] for call in calls}
-        if len(batch_sizes) != 1:
-            raise ValueError(
-                f"layers saw different batch sizes in one backward ({sorted(batch_sizes)}); check batch_first, "
-                "and pass inputs that the model broadcasts over the batch (shape [1, ...]) with one row per sample"
-            )
+        _check_batch_sizes(batch_sizes)
         self.batch_size = batch_sizes.pop()
         # With a mean loss each output gradient carries 1/B; per-sample gradients are B times it.
         self.scale = float(self.batch_size) if mean else 1.0
@@ -434,6 +418,13 @@ class _BackwardStep:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
         self.norm_sq = self._norm_sq_by_param(cross_factors)
+
+    def total_norm_sq(self) -> torch.Tensor:
+        """Each sample's squared norm over all of this step's parameters, float32 [B]."""
+        total = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
+        for norm_sq in self.norm_sq.values():
+            total += norm_sq
+        return total
 
     def _norm_sq_by_param(self, cross_factors: Dict[int, list]) -> Dict[int, torch.Tensor]:
         """id(p) → each sample's squared gradient norm for p, ``[B]`` float32; ``cross_factors`` (id(p) →
@@ -520,6 +511,14 @@ def _split_calls(calls: List[ModuleCall], materialise_all: bool):
                 changed = True
     cross_factors = {key: [factors[id(call)][name] for call, name in uses[key]] for key in crossed}
     return materialised, cross_factors
+
+
+def _check_batch_sizes(batch_sizes: set) -> None:
+    if len(batch_sizes) != 1:
+        raise ValueError(
+            f"layers saw different batch sizes in one backward ({sorted(batch_sizes)}); check batch_first, "
+            "and pass inputs that the model broadcasts over the batch (shape [1, ...]) with one row per sample"
+        )
 
 
 def _count_shared_with_submodules(module: nn.Module, params: List[nn.Parameter]) -> int:
