@@ -2,8 +2,9 @@
 
 A sample's gradient row for id v is the sum of the grads of its tokens with id v. Sorting
 the tokens by a key (``sample·V + id`` for per-sample results, ``id`` for the clipped sum;
-torch.sort, stable) makes those tokens one contiguous segment; one program per segment
-sums its rows over D in fp32 and then either keeps only the squared norm of the sum
+``fastdp.ops.embedding.key_segments``) makes those tokens one contiguous segment; one program
+per segment (N programs: the segments past the distinct keys are empty and return at once, so
+nothing waits on the host for the count) sums its rows over D in fp32 and then either keeps only the squared norm of the sum
 (``embedding_norm_sq``, then a per-sample sum of segment norms) or writes the summed row
 (``embedding_grad_sample``, and ``embedding_clipped_grad`` with each token weighted by its
 sample's clip factor). Every output row is written by exactly one program in a fixed order,
@@ -42,7 +43,8 @@ def _segment_rows_kernel(
     end = tl.load(seg_offsets_ptr + seg + 1)
     key = tl.load(seg_keys_ptr + seg)
     norm_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if key % num_embeddings != padding_idx:  # padding_idx = -1 (none) never matches
+    # empty segments carry another segment's key: they must not write its row
+    if (end > start) & (key % num_embeddings != padding_idx):  # padding_idx = -1 (none) never matches
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             row = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -80,10 +82,16 @@ def _range_sums_kernel(values_ptr, offsets_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 def _check_tokens(ids, sample_of_token, token_grads, num_embeddings, batch_size=None):
-    """Kernels index memory with these, so bad values must fail here rather than corrupt memory."""
+    """Kernels index memory with these, so bad values must fail here rather than corrupt memory.
+
+    The value checks read the ids on the host; while a CUDA graph is captured they cannot, and are
+    left out: the engine's ids were already checked by the forward's lookup, and sample_of_token
+    is its own arange."""
     if token_grads.dim() != 2 or ids.shape != (token_grads.shape[0],) or sample_of_token.shape != ids.shape:
         raise ValueError(f"need ids [N], sample_of_token [N] and token_grads [N, D]; got {tuple(ids.shape)}, "
                          f"{tuple(sample_of_token.shape)} and {tuple(token_grads.shape)}")
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     low, high = torch.aminmax(ids)
     if low < 0 or high >= num_embeddings:
         raise ValueError(f"ids must lie in [0, num_embeddings={num_embeddings}); got ids in [{low}, {high}]")
@@ -94,14 +102,9 @@ def _check_tokens(ids, sample_of_token, token_grads, num_embeddings, batch_size=
 
 
 def _segments(keys: torch.Tensor):
-    """Token order sorted by key, and per segment of equal keys: the key and [start, end) offsets."""
-    sorted_keys, order = torch.sort(keys, stable=True)
-    seg_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    return order, seg_keys, _offsets(counts)
-
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    """Token order sorted by key, and per segment (N of them, the real ones first): key and [start, end) offsets."""
+    order, _, offsets, segment_keys = _ops.key_segments(keys)
+    return order, segment_keys, offsets
 
 
 def _segment_rows(token_grads, order, seg_keys, seg_offsets, out, num_embeddings, padding_idx, store_rows,
@@ -134,6 +137,7 @@ def embedding_norm_sq(ids, sample_of_token, token_grads, batch_size: int, num_em
     seg_norm_sq = torch.empty(seg_keys.numel(), dtype=torch.float32, device=out.device)
     _segment_rows(token_grads, order, seg_keys, seg_offsets, seg_norm_sq, num_embeddings, padding_idx, False)
     # segments are sorted by sample: sample b owns segments [sample_offsets[b], sample_offsets[b+1])
+    # (the empty segments at the end carry the last key, so they fall to the last sample, adding 0)
     samples = torch.arange(batch_size + 1, device=out.device, dtype=seg_keys.dtype)
     sample_offsets = torch.searchsorted(seg_keys // num_embeddings, samples)
     _range_sums_kernel[(batch_size,)](seg_norm_sq, sample_offsets, out, BLOCK=BLOCK_TOKENS)

@@ -20,17 +20,34 @@ from fastdp import PrivacyEngine
 from fastdp.engine.clipping import FlatClipping
 from fastdp.engine.grad_sample_module import GradSampleModule
 
-HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+aten = torch.ops.aten
+#: ops that read a tensor's value on the host (``.item()``, ``bool(t)``, ``if t.any()``), or whose
+#: output size depends on values (``torch.unique``, boolean indexing): on a GPU these synchronise
+#: and cannot be captured in a CUDA graph. (On CPU they do not sync, hence this list.)
+HOST_SYNCS = {
+    aten._local_scalar_dense.default, aten.is_nonzero.default, aten._unique2.default, aten.unique_dim.default,
+    aten.unique_consecutive.default, aten.nonzero.default, aten.masked_select.default,
+}
+
+
+def _syncs(func, args, kwargs) -> bool:
+    if func in HOST_SYNCS:
+        return True
+    if func is aten.index.Tensor:  # x[bool_mask]
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    if func is aten.repeat_interleave.Tensor:  # the output size is the sum of the repeats
+        return kwargs.get("output_size") is None
+    return False
 
 
 class NoHostSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor's value on the host (``.item()``, ``bool(t)``, ``if t.any()``):
-    on a GPU those synchronise and cannot be captured in a CUDA graph."""
+    """Fails on any op in HOST_SYNCS."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_SYNCS:
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
             raise AssertionError(f"host sync {func} at {traceback.extract_stack()[-3]}")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def test_compiled_hf_model_step_equals_eager_and_does_not_recompile():
@@ -124,3 +141,53 @@ def test_sync_free_step_still_drops_non_finite_samples():
     for sync_free_grad, default_grad in zip(grads[True], grads[False]):
         assert torch.isfinite(sync_free_grad).all()
         torch.testing.assert_close(sync_free_grad, default_grad)
+
+
+def _sequence_model():
+    from fastdp.layers import DPLSTM, DPMultiheadAttention
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8, padding_idx=0)
+            self.lstm = DPLSTM(8, 8, batch_first=True, bidirectional=True)
+            self.attention = DPMultiheadAttention(16, 2, batch_first=True)
+            self.norm = nn.RMSNorm(16)
+            self.bag = nn.EmbeddingBag(20, 16, mode="mean")
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            h, _ = self.lstm(self.embed(ids))
+            h, _ = self.attention(h, h, h, need_weights=False)
+            return self.head(self.norm(h).mean(1) + self.bag(ids))
+
+    return Model(), torch.randint(0, 20, (6, 5))
+
+
+def _image_model():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+        nn.InstanceNorm2d(8, affine=True), nn.LayerNorm([3, 3]), nn.Flatten(), nn.Linear(72, 3),
+    )
+    return model, torch.randn(6, 3, 8, 8)
+
+
+@pytest.mark.parametrize("build", [_sequence_model, _image_model], ids=["sequence", "image"])
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+@pytest.mark.filterwarnings("ignore:poisson_sampling=False")
+def test_sync_free_step_of_every_layer_type_makes_no_host_sync(build, mode):
+    """Forward, backward (norms, clipping) and the optimizer's noise and update, for every fastdp layer rule."""
+    torch.manual_seed(0)
+    model, x = build()
+    y = torch.randint(0, 3, (len(x),))
+    engine = PrivacyEngine(accountant="rdp")
+    data = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    gsm, optimizer, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+    )
+    gsm.sync_free = True
+    mask = torch.ones(len(x))
+    with NoHostSync():
+        _masked_step(gsm, optimizer, x, y, mask)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -5,8 +5,10 @@ nn.Embedding and nn.EmbeddingBag both reduce to a *token list* of N looked-up to
 belongs to) and ``token_grads [N, dim]`` (the gradient flowing into that token's weight
 row). A sample's gradient for row v is the sum of its tokens' grads with id v, so a token
 repeated within a sample contributes the norm of the *sum* of its grads. Tokens are grouped
-by the key ``sample * num_embeddings + id`` with a sort (``torch.unique``) and segment-summed
-(``index_add``): O(N·dim) work and memory, never a [B, num_embeddings] one-hot.
+by the key ``sample * num_embeddings + id`` with a sort and segment-summed (``index_add``):
+O(N·dim) work and memory, never a [B, num_embeddings] one-hot. The segments come from
+``key_segments``, whose outputs have sizes fixed by N (not by the number of distinct keys, as
+``torch.unique``'s would): no host synchronisation, so a DP step can be captured in a CUDA graph.
 
 ``padding_idx`` (-1 for none) names the row torch never updates; its tokens are dropped.
 All results accumulate in float32 (float64 for float64 grads).
@@ -24,6 +26,27 @@ def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
+def key_segments(keys: torch.Tensor):
+    """Group tokens with equal keys, with every output sized by N = keys.numel() (no host sync).
+
+    Returns ``order`` [N] (token indices sorted by key, stable), ``segment`` [N] (the segment of
+    each sorted position), ``offsets`` [N + 1] (segment s is sorted positions
+    ``offsets[s]:offsets[s + 1]``) and ``segment_keys`` [N]. There are as many real segments as
+    distinct keys, first, in key order; the rest are empty (offsets N) and carry the largest key,
+    so ``segment_keys`` stays sorted. Whoever writes a row per segment must skip the empty ones.
+    """
+    n = keys.numel()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    starts_segment = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts_segment[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    segment = starts_segment.cumsum(0) - 1
+    ends = torch.full((n,), n, dtype=torch.long, device=keys.device)
+    ends.scatter_reduce_(0, segment, torch.arange(1, n + 1, device=keys.device), "amax", include_self=False)
+    offsets = torch.cat([ends.new_zeros(1), ends])
+    segment_keys = sorted_keys[offsets[:-1].clamp(max=max(n - 1, 0))]
+    return order, segment, offsets, segment_keys
+
+
 @op("embedding_norm_sq")
 def embedding_norm_sq(
     ids: torch.Tensor,
@@ -34,16 +57,15 @@ def embedding_norm_sq(
     padding_idx: int,
 ) -> torch.Tensor:
     """Each sample's squared weight-gradient norm, ``[batch_size]``."""
-    keys = sample_of_token * num_embeddings + ids
-    unique_keys, key_of_token = torch.unique(keys, return_inverse=True)
+    order, segment, _, segment_keys = key_segments(sample_of_token * num_embeddings + ids)
     dtype = _accumulation_dtype(token_grads)
-    row_grads = token_grads.new_zeros((unique_keys.numel(), token_grads.shape[1]), dtype=dtype)
-    row_grads.index_add_(0, key_of_token, token_grads.to(dtype))
-    row_norm_sq = row_grads.pow(2).sum(1)
+    row_grads = token_grads.new_zeros((ids.numel(), token_grads.shape[1]), dtype=dtype)
+    row_grads.index_add_(0, segment, token_grads[order].to(dtype))
+    row_norm_sq = row_grads.pow(2).sum(1)  # empty segments: 0
     if padding_idx >= 0:
-        row_norm_sq.masked_fill_(unique_keys % num_embeddings == padding_idx, 0)
+        row_norm_sq.masked_fill_(segment_keys % num_embeddings == padding_idx, 0)
     norm_sq = torch.zeros(batch_size, dtype=dtype, device=token_grads.device)
-    return norm_sq.index_add_(0, unique_keys // num_embeddings, row_norm_sq).float()
+    return norm_sq.index_add_(0, segment_keys // num_embeddings, row_norm_sq).float()
 
 
 @op("embedding_clipped_grad")
