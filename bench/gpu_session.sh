@@ -30,7 +30,7 @@ case "${1:-check}" in
     python -m pytest -q -x tests/test_cuda_extension.py 2>&1 | tail -30 > "$OUT/cuda_extension.txt"
     python -m pytest -q tests/test_kernels_linear.py tests/test_kernels_noise.py tests/test_kernels_conv.py \
       tests/test_kernels_embedding.py tests/test_kernels_norms.py tests/test_engine_triton_backend.py \
-      tests/test_dp_layers.py tests/test_rules_rnn.py 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
+      tests/test_dp_layers.py tests/test_rules_rnn.py tests/test_graphed_step.py tests/test_compile.py 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
     ;;
   kernels)
     python -m bench.bench_kernels_linear > "$OUT/kernels_linear.txt" 2>&1

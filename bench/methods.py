@@ -105,31 +105,84 @@ def _torch_rnn_layers(model: nn.Module) -> List[str]:
     ]
 
 
+def _make_private(spec, x, y, mode: str, clipping: str = "flat"):
+    """(private model, DP optimizer, note) for fastdp in ``mode`` with the benchmark's σ, C and batch."""
+    from fastdp import ModuleValidator, PrivacyEngine
+
+    model = ModuleValidator.fix(spec.model)  # e.g. nn.LSTM → fastdp's DP layer, where one exists
+    note = ""
+    left = _torch_rnn_layers(model)
+    if left:
+        note = (f"{', '.join(sorted(set(left)))} left as is by fastdp.ModuleValidator.fix (no fastdp DP layer): "
+                "the engine's torch.func fallback handles it")
+    optimizer = _sgd(model.parameters())
+    max_grad_norm = MAX_GRAD_NORM
+    if clipping == "per_layer":  # one bound per parameter with ‖bounds‖₂ = C: the noise of flat clipping
+        count = sum(p.requires_grad for p in model.parameters())
+        max_grad_norm = [MAX_GRAD_NORM / count**0.5] * count
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="poisson_sampling=False")
+        model, optimizer, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=_one_batch_loader(x, y),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=max_grad_norm,
+            poisson_sampling=False, grad_sample_mode=mode, clipping=clipping,
+        )
+    return model, optimizer, note
+
+
 def fastdp_method(mode: str, clipping: str = "flat"):
     def prepare(spec, x, y, run) -> Prepared:
-        from fastdp import ModuleValidator, PrivacyEngine
-
-        model = ModuleValidator.fix(spec.model)  # e.g. nn.LSTM → fastdp's DP layer, where one exists
-        note = ""
-        left = _torch_rnn_layers(model)
-        if left:
-            note = (f"{', '.join(sorted(set(left)))} left as is by fastdp.ModuleValidator.fix (no fastdp DP layer): "
-                    "the engine's torch.func fallback handles it")
-        optimizer = _sgd(model.parameters())
-        max_grad_norm = MAX_GRAD_NORM
-        if clipping == "per_layer":  # one bound per parameter with ‖bounds‖₂ = C: the noise of flat clipping
-            count = sum(p.requires_grad for p in model.parameters())
-            max_grad_norm = [MAX_GRAD_NORM / count**0.5] * count
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="poisson_sampling=False")
-            model, optimizer, _ = PrivacyEngine().make_private(
-                module=model, optimizer=optimizer, data_loader=_one_batch_loader(x, y),
-                noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=max_grad_norm,
-                poisson_sampling=False, grad_sample_mode=mode, clipping=clipping,
-            )
+        model, optimizer, note = _make_private(spec, x, y, mode, clipping)
         return Prepared(_plain_step(model, optimizer, spec.criterion(), x, y, run), note=note)
 
     return prepare
+
+
+# -- whole steps captured in one CUDA graph (launch overhead gone; CUDA only) ---------------------
+def _require_cuda(run, method: str) -> None:
+    if run.device.type != "cuda":
+        raise MethodUnavailable(f"{method} replays a CUDA graph: CUDA only")
+
+
+def nonprivate_cudagraph(spec, x, y, run) -> Prepared:
+    """The non-private step as one CUDA graph (torch's whole-network recipe): the graphed baseline."""
+    _require_cuda(run, "nonprivate-cudagraph")
+    model, criterion = spec.model, spec.criterion()
+    optimizer = _sgd(model.parameters())
+    warmup = _plain_step(model, optimizer, criterion, x, y, run)
+    side = torch.cuda.Stream(run.device)
+    side.wait_stream(torch.cuda.current_stream(run.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            warmup()
+    torch.cuda.current_stream(run.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with run.autocast():
+            loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return Prepared(graph.replay)
+
+
+def fastdp_cudagraph(spec, x, y, run) -> Prepared:
+    """fastdp bk through fastdp.make_graphed_dp_step: each step copies the batch in and replays."""
+    from fastdp import make_graphed_dp_step
+
+    _require_cuda(run, "fastdp-bk-cudagraph")
+    model, optimizer, note = _make_private(spec, x, y, "bk")
+    criterion = spec.criterion()
+
+    def loss_and_backward(batch):
+        inputs, targets = batch
+        with run.autocast():
+            loss = criterion(model(inputs), targets)
+        loss.backward()
+        return loss.detach()
+
+    graphed = make_graphed_dp_step(loss_and_backward, optimizer)
+    return Prepared(lambda: graphed((x, y)), note=note)
 
 
 def microbatch(spec, x, y, run) -> Prepared:
@@ -250,6 +303,8 @@ METHODS: Dict[str, Callable] = {
     "fastdp-functorch": fastdp_method("functorch"),
     "fastdp-bk-per_layer": fastdp_method("bk", clipping="per_layer"),
     **{name: fastdp_method("bk") for name in BACKEND_OF_METHOD},
+    "nonprivate-cudagraph": nonprivate_cudagraph,
+    "fastdp-bk-cudagraph": fastdp_cudagraph,
     "microbatch": microbatch,
     "torchfunc": torchfunc,
     "opacus-hooks": opacus_method("hooks"),
@@ -278,4 +333,6 @@ def default_methods(device_type: str) -> List[str]:
     """All methods for this device, non-private first (the baseline of every ratio)."""
     names = ["nonprivate", "fastdp-bk", "fastdp-hooks", "fastdp-functorch"]
     names += [f"fastdp-bk-{backend}" for backend in fastdp_backends(device_type)]
+    if device_type == "cuda":
+        names += ["nonprivate-cudagraph", "fastdp-bk-cudagraph"]
     return names + ["microbatch", "torchfunc", *OPACUS_METHODS]

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from . import accountants  # noqa: E402,F401
 from .data import DPDataLoader  # noqa: E402
 from .engine.grad_sample_module import GradSampleModule  # noqa: E402
+from .graphed_step import make_graphed_dp_step  # noqa: E402
 from .engine.rules import LayerRule, register_grad_sampler, register_rule, register_rule_by_name  # noqa: E402
 from .optimizers import DPOptimizer  # noqa: E402
 from .layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "DPOptimizer",
     "DPDataLoader",
     "BatchMemoryManager",
+    "make_graphed_dp_step",
     "ModuleValidator",
     "LayerRule",
     "register_rule",
