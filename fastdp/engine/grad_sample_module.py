@@ -30,7 +30,7 @@ from ..losses import check_model_loss
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from .rules import get_rule
-from .rules.base import outer_inner_product
+from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
 
 MODES = ("bk", "hooks", "functorch")
@@ -429,12 +429,16 @@ class _BackwardStep:
     def _norm_sq_by_param(self, cross_factors: Dict[int, list]) -> Dict[int, torch.Tensor]:
         """id(p) → each sample's squared gradient norm for p, ``[B]`` float32; ``cross_factors`` (id(p) →
         the outer factors of each use of a shared parameter) add the cross terms of the uses."""
-        norm_sq = {}
+        norm_sq, slack = {}, {}
         for call in self.rule_calls:
             for name, value in call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output).items():
                 key = id(call.params[name])
                 value = value * self.scale**2
                 norm_sq[key] = norm_sq[key] + value if key in norm_sq else value
+            for name, value in call.rule.rounding_slack(call.module, call.inputs, call.grad_output).items():
+                key = id(call.params[name])
+                value = value * self.scale
+                slack[key] = slack[key] + value if key in slack else value
         for key, uses in cross_factors.items():
             cross = sum(
                 outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
@@ -443,6 +447,8 @@ class _BackwardStep:
             norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross).clamp(min=0).float()
         for key, (_, grads) in self.materialised.items():
             norm_sq[key] = grads.flatten(1).float().square().sum(1)
+        for key, value in slack.items():  # clip what is computed: ‖G_i‖ + its rounding bound (engine/rounding.py)
+            norm_sq[key] = (norm_sq[key].sqrt() + value).square()
         if self.loss_scale is not None:
             norm_sq = {key: value / self.loss_scale.float().square() for key, value in norm_sq.items()}
         return norm_sq
@@ -469,7 +475,7 @@ class _BackwardStep:
             for name, grad in clipped.items():
                 _add_to_grad(call.params[name], grad)
         for key, (param, grads) in self.materialised.items():
-            _add_to_grad(param, torch.einsum("b,b...->...", factors[key].to(grads.dtype), grads))
+            _add_to_grad(param, clipped_sum_of_grad_samples(factors[key], grads).to(grads.dtype))
 
 
 def _split_calls(calls: List[ModuleCall], materialise_all: bool):

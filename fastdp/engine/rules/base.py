@@ -108,8 +108,22 @@ class LayerRule:
         norms and never materialises that parameter's per-sample gradients."""
         return {}
 
+    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{name: [B] float32}``: for each parameter whose ``clipped_grad`` rounds more than fp32 does, a
+        bound ``s_i`` on how far sample i's contribution as computed can lie from ``c_i G_i``, divided
+        by ``c_i`` (``fastdp.engine.rounding``). The engine clips with ``‖G_i‖ + s_i``. Parameters left
+        out round nothing: the default ``clipped_grad`` below works in fp32."""
+        return {}
+
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         grads = self.grad_sample(module, inputs, grad_output)
-        return {n: torch.einsum("b,b...->...", factors_for(clip_factors, n).to(g.dtype), g) for n, g in grads.items()}
+        return {n: clipped_sum_of_grad_samples(factors_for(clip_factors, n), g) for n, g in grads.items()}
+
+
+def clipped_sum_of_grad_samples(factors: torch.Tensor, grad_samples: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i G_i`` of materialised per-sample gradients, in (at least) fp32 and returned so: in
+    bf16/fp16, rounding c and each c·G_i could take a contribution above C."""
+    dtype = torch.promote_types(grad_samples.dtype, torch.float32)
+    return torch.einsum("b,b...->...", factors.to(dtype), grad_samples.to(dtype))

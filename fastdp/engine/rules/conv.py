@@ -14,6 +14,7 @@ from ...ops import uses_torch_reference
 
 from ...ops import conv as conv_ops
 from ...ops import linear as linear_ops
+from .. import rounding
 from . import register_rule
 from .base import ClipFactors, LayerRule, factors_for
 from .linear import common_dtype
@@ -85,6 +86,18 @@ class ConvRule(LayerRule):
             bias_grad = linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, factors)
             grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
+
+    def rounding_slack(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x, g = common_dtype(inputs[0], grad_output)
+        slack = {}
+        kappa = rounding.product_error(g.dtype, g.device, kind="conv")
+        if module.weight.requires_grad and kappa > 0:
+            x = padded_input(module, x)
+            slack["weight"] = rounding.conv_slack(x, g, *self._geometry(module), kappa)
+        kappa = rounding.product_error(g.dtype, g.device)  # the bias's clipped sum is a matrix product
+        if module.bias is not None and module.bias.requires_grad and kappa > 0:
+            slack["bias"] = rounding.bias_slack(g.flatten(2).mT, kappa)
+        return slack
 
     def grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = {}

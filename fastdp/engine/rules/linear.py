@@ -11,6 +11,7 @@ from torch import nn
 from ...ops import uses_torch_reference
 
 from ...ops import linear as linear_ops
+from .. import rounding
 from . import register_rule
 from .base import ClipFactors, LayerRule, OuterFactors, factors_for
 
@@ -61,6 +62,18 @@ class LinearRule(LayerRule):
             bias_grad = linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias"))
             grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
+
+    def rounding_slack(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
+        kappa = rounding.product_error(g.dtype, g.device)
+        if kappa == 0:
+            return {}
+        slack = {}
+        if module.weight.requires_grad:
+            slack["weight"] = rounding.sequence_slack(a, g, kappa)
+        if module.bias is not None and module.bias.requires_grad:
+            slack["bias"] = rounding.bias_slack(g, kappa)
+        return slack
 
     def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
         """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from ...ops import linear as linear_ops
 from ...ops import uses_torch_reference
+from .. import rounding
 from . import register_rule
 from .base import ClipFactors, LayerRule, factors_for
 from .linear import common_dtype
@@ -103,6 +104,20 @@ class SequenceLinearRule(LayerRule):
             bias_norm_sq = linear_ops.linear_bias_norm_sq(grad_output)  # every bias gets Σ_t g
             norms.update({name: bias_norm_sq for name in biases})
         return norms
+
+    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        slack: Dict[str, torch.Tensor] = {}
+        for term, a, g in self._terms(module, inputs, grad_output):  # terms of one weight: slacks add
+            a, g = common_dtype(a, g)
+            kappa = rounding.product_error(g.dtype, g.device)
+            if kappa > 0:
+                part = rounding.sequence_slack(a, g, kappa)
+                slack[term.name] = part if term.name not in slack else slack[term.name] + part
+        kappa = rounding.product_error(grad_output.dtype, grad_output.device)
+        for name in inputs[0].biases:
+            if _trainable(module, name) and kappa > 0:
+                slack[name] = rounding.bias_slack(grad_output, kappa)
+        return slack
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
