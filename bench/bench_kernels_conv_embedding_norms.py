@@ -1,6 +1,6 @@
 """GPU timings of the Triton conv, embedding and norm-layer kernels against their baselines.
 
-    python -m bench.bench_kernels_conv_embedding_norms [--dtype float32|bfloat16|float16] [--batch 256]
+    python -m bench.bench_kernels_conv_embedding_norms [--dtype float32|bfloat16|float16] [--batch 256] [--smoke]
 
 Per shape it prints milliseconds (triton.testing.do_bench, median) for:
 
@@ -13,13 +13,21 @@ Per shape it prints milliseconds (triton.testing.do_bench, median) for:
   torch reference.
 
 Before timing, every kernel result is checked against its torch reference and the largest
-relative error printed. Nothing is written to disk. Without CUDA (or triton) it says so and exits 0.
+relative error printed. fp32 cuDNN baselines run in IEEE fp32 (TF32 off); the kernels' fp32 dots
+use tf32x3. Nothing is written to disk. Without CUDA (or triton) it says so and exits 0.
+
+``--smoke`` runs the same code on CPU tensors in triton's interpreter (TRITON_INTERPRET=1),
+with tiny ragged shapes and perf_counter timings: a check that the script itself runs
+(tests/test_bench_kernels_smoke.py), not a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +52,43 @@ NORM_SHAPES = [
     ("RMSNorm(4096), B=8 T=512", (8, 512, 4096, 1), 1, True),
 ]
 
+# (vocab, D, B, T)
+EMBEDDING_SHAPES = [(50257, 768, 16, 256)]
 
-def milliseconds(fn) -> float:
+# --smoke: tiny and ragged (not multiples of the interpreter's 16-wide blocks); convs at batch SMOKE_BATCH
+SMOKE_BATCH = 3
+SMOKE_CONV_SHAPES = [
+    ("3->4 3x3 @5 (direct)", 3, 4, 5, 3, 1, 1),
+    ("5->6 3x3 s2 @7", 5, 6, 7, 3, 2, 1),
+    ("8->20 3x3 @2 (ghost)", 8, 20, 2, 3, 1, 1),
+    ("4->3 1x1 s2 @6", 4, 3, 6, 1, 2, 0),
+]
+SMOKE_NORM_SHAPES = [
+    ("GroupNorm(2, 6) @3x3, B=3", (3, 1, 6, 9), 2, False),
+    ("LayerNorm(7), B=2 T=5", (2, 5, 7, 1), 1, False),
+    ("RMSNorm(9), B=3 T=4", (3, 4, 9, 1), 1, True),
+]
+SMOKE_EMBEDDING_SHAPES = [(11, 7, 3, 5), (37, 20, 2, 17)]  # few ids: rows repeat within and across samples
+
+
+def gpu_milliseconds(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def timed(label: str, fn):
-    """A report row: label and fn's median time."""
+def cpu_milliseconds(fn, repeats: int = 3) -> float:
+    """Median wall time of a few calls (--smoke: do_bench needs CUDA)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def timed(label: str, fn, milliseconds):
+    """A report row: label and fn's median time (by milliseconds(fn))."""
     return label, f"{milliseconds(fn):8.3f} ms"
 
 
@@ -68,15 +104,15 @@ def report(title: str, rows) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
-def bench_conv(batch: int, dtype: torch.dtype) -> None:
+def bench_conv(shapes, batch: int, dtype: torch.dtype, device: str, milliseconds) -> None:
     from fastdp.kernels import conv_norm
     from fastdp.ops import conv as conv_ops
 
-    for name, c_in, c_out, size, k, stride, padding in CONV_SHAPES:
-        x = torch.randn(batch, c_in, size, size, device="cuda", dtype=dtype)
-        weight = torch.randn(c_out, c_in, k, k, device="cuda", dtype=dtype)
+    for name, c_in, c_out, size, k, stride, padding in shapes:
+        x = torch.randn(batch, c_in, size, size, device=device, dtype=dtype)
+        weight = torch.randn(c_out, c_in, k, k, device=device, dtype=dtype)
         out_size = (size + 2 * padding - k) // stride + 1
-        g = torch.randn(batch, c_out, out_size, out_size, device="cuda", dtype=dtype)
+        g = torch.randn(batch, c_out, out_size, out_size, device=device, dtype=dtype)
         x_padded = F.pad(x, [padding] * 4)
         geometry = ((k, k), (stride, stride), (1, 1), 1)
 
@@ -104,36 +140,38 @@ def bench_conv(batch: int, dtype: torch.dtype) -> None:
         norm_ref = conv_ops.conv_weight_norm_sq.torch_reference
         rows = [
             ("check: rel. error ghost / direct / grad_sample", " / ".join(f"{e:.1e}" for e in errors.values())),
-            timed("cuDNN weight gradient (non-private)", cudnn_weight_grad),
+            timed("cuDNN weight gradient (non-private)", cudnn_weight_grad, milliseconds),
             timed(f"triton norm ({method}, as dispatched)",
-                  lambda: conv_norm.conv_weight_norm_sq(x_padded, g, *geometry)),
-            timed("triton norm, ghost forced", lambda: conv_norm.ghost_norm_sq(x_padded, g, *geometry)),
-            timed("triton norm, direct forced", lambda: conv_norm.direct_norm_sq(x_padded, g, *geometry)),
-            timed("triton per-sample gradients", lambda: conv_norm.conv_weight_grad_sample(x_padded, g, *geometry)),
-            timed("torch reference norm", lambda: norm_ref(x_padded, g, *geometry)),
-            timed("materialise-then-norm (Opacus)", materialise_then_norm),
+                  lambda: conv_norm.conv_weight_norm_sq(x_padded, g, *geometry), milliseconds),
+            timed("triton norm, ghost forced", lambda: conv_norm.ghost_norm_sq(x_padded, g, *geometry), milliseconds),
+            timed("triton norm, direct forced", lambda: conv_norm.direct_norm_sq(x_padded, g, *geometry), milliseconds),
+            timed("triton per-sample gradients",
+                  lambda: conv_norm.conv_weight_grad_sample(x_padded, g, *geometry), milliseconds),
+            timed("torch reference norm", lambda: norm_ref(x_padded, g, *geometry), milliseconds),
+            timed("materialise-then-norm (Opacus)", materialise_then_norm, milliseconds),
         ]
         report(f"conv {name}, B={batch}, {dtype} (T={T}, d={d}, p={p})", rows)
         torch.cuda.empty_cache()
 
 
-def bench_embedding(dtype: torch.dtype, vocab: int = 50257, dim: int = 768, batch: int = 16, tokens: int = 256) -> None:
+def bench_embedding(vocab: int, dim: int, batch: int, tokens: int, dtype: torch.dtype, device: str,
+                    milliseconds) -> None:
     from fastdp.kernels import embedding as embedding_kernels
     from fastdp.ops import embedding as embedding_ops
 
-    ids_2d = torch.randint(0, vocab, (batch, tokens), device="cuda")
-    grad_output = torch.randn(batch, tokens, dim, device="cuda", dtype=dtype)
+    ids_2d = torch.randint(0, vocab, (batch, tokens), device=device)
+    grad_output = torch.randn(batch, tokens, dim, device=device, dtype=dtype)
     ids = ids_2d.reshape(-1)
-    sample_of_token = torch.arange(batch, device="cuda").repeat_interleave(tokens)
+    sample_of_token = torch.arange(batch, device=device).repeat_interleave(tokens)
     token_grads = grad_output.reshape(-1, dim)
-    clip_factors = torch.rand(batch, device="cuda")
+    clip_factors = torch.rand(batch, device=device)
     args = (ids, sample_of_token, token_grads)
 
     def non_private_backward():
         torch.ops.aten.embedding_dense_backward(grad_output, ids_2d, vocab, -1, False)
 
     def materialise_then_norm():  # Opacus: per-sample [B, V, D] gradients, then their norms
-        grads = torch.zeros(batch, vocab, dim, device="cuda", dtype=dtype)
+        grads = torch.zeros(batch, vocab, dim, device=device, dtype=dtype)
         grads.view(batch * vocab, dim).index_add_(0, sample_of_token * vocab + ids, token_grads)
         return grads.float().flatten(1).square().sum(1)
 
@@ -146,31 +184,31 @@ def bench_embedding(dtype: torch.dtype, vocab: int = 50257, dim: int = 768, batc
     )
     rows = [
         ("check: rel. error norm / clipped grad", " / ".join(f"{e:.1e}" for e in errors)),
-        timed("embedding backward (non-private)", non_private_backward),
-        timed("triton norm", lambda: norm_sq(*args, batch, vocab, -1)),
-        timed("torch reference norm", lambda: norm_sq_ref(*args, batch, vocab, -1)),
-        timed("triton clipped grad", lambda: clipped(*args, clip_factors, vocab, -1)),
-        timed("torch reference clipped grad", lambda: clipped_ref(*args, clip_factors, vocab, -1)),
+        timed("embedding backward (non-private)", non_private_backward, milliseconds),
+        timed("triton norm", lambda: norm_sq(*args, batch, vocab, -1), milliseconds),
+        timed("torch reference norm", lambda: norm_sq_ref(*args, batch, vocab, -1), milliseconds),
+        timed("triton clipped grad", lambda: clipped(*args, clip_factors, vocab, -1), milliseconds),
+        timed("torch reference clipped grad", lambda: clipped_ref(*args, clip_factors, vocab, -1), milliseconds),
     ]
     needed = batch * vocab * dim * torch.finfo(dtype).bits // 8
-    if needed < torch.cuda.mem_get_info()[0] // 2:
-        rows.append(timed("materialise-then-norm (Opacus, [B, V, D])", materialise_then_norm))
+    if device != "cuda" or needed < torch.cuda.mem_get_info()[0] // 2:  # --smoke: tiny, on CPU
+        rows.append(timed("materialise-then-norm (Opacus, [B, V, D])", materialise_then_norm, milliseconds))
     report(f"embedding V={vocab} D={dim} B={batch} T={tokens}, {dtype}", rows)
 
 
-def bench_norm_layers(dtype: torch.dtype) -> None:
+def bench_norm_layers(shapes, dtype: torch.dtype, device: str, milliseconds) -> None:
     from fastdp.kernels import norm_layers
     from fastdp.ops import norms as norm_ops
 
-    for name, shape, num_groups, rms in NORM_SHAPES:
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        grad = torch.randn(shape, device="cuda", dtype=dtype)
+    for name, shape, num_groups, rms in shapes:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        grad = torch.randn(shape, device=device, dtype=dtype)
         args = (x, grad, num_groups, 1e-5, rms)
         kernel, reference = norm_layers.norm_weight_grad_sample, norm_ops.norm_weight_grad_sample.torch_reference
         rows = [
             ("check: rel. error", f"{relative_error(kernel(*args), reference(*args)):.1e}"),
-            timed("triton per-sample weight grads", lambda: kernel(*args)),
-            timed("torch reference", lambda: reference(*args)),
+            timed("triton per-sample weight grads", lambda: kernel(*args), milliseconds),
+            timed("torch reference", lambda: reference(*args), milliseconds),
         ]
         report(f"norm {name}, {dtype}", rows)
 
@@ -178,10 +216,15 @@ def bench_norm_layers(dtype: torch.dtype) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=256, help="batch size of the conv shapes")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"batch size of the conv shapes (default 256; --smoke: {SMOKE_BATCH})")
     parser.add_argument("--only", choices=["conv", "embedding", "norms"], help="run one group of kernels")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU in triton's interpreter: checks that the script runs")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (and fastdp.kernels) is imported
+    elif not torch.cuda.is_available():
         print("no CUDA device: the Triton kernel benchmarks need a GPU; skipped")
         return 0
     try:
@@ -189,15 +232,27 @@ def main(argv=None) -> int:
     except ImportError:
         print("triton is not installed: skipped")
         return 0
+    if args.smoke:
+        device, milliseconds, batch = "cpu", cpu_milliseconds, SMOKE_BATCH
+        conv_shapes, embedding_shapes, norm_shapes = SMOKE_CONV_SHAPES, SMOKE_EMBEDDING_SHAPES, SMOKE_NORM_SHAPES
+        device_name = f"cpu (--smoke, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
+    else:
+        device, milliseconds, batch = "cuda", gpu_milliseconds, 256
+        conv_shapes, embedding_shapes, norm_shapes = CONV_SHAPES, EMBEDDING_SHAPES, NORM_SHAPES
+        device_name = torch.cuda.get_device_name()
+        torch.backends.cudnn.allow_tf32 = False  # fp32 baselines in IEEE fp32, as in bench_kernels_linear
+    if args.batch is not None:
+        batch = args.batch
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device: {device_name}, torch {torch.__version__}")
     if args.only in (None, "conv"):
-        bench_conv(args.batch, dtype)
+        bench_conv(conv_shapes, batch, dtype, device, milliseconds)
     if args.only in (None, "embedding"):
-        bench_embedding(dtype)
+        for shape in embedding_shapes:
+            bench_embedding(*shape, dtype, device, milliseconds)
     if args.only in (None, "norms"):
-        bench_norm_layers(dtype)
+        bench_norm_layers(norm_shapes, dtype, device, milliseconds)
     return 0
 
 

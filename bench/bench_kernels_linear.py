@@ -1,6 +1,6 @@
 """GPU timings of the Triton linear-layer kernels and the noise pass against their baselines.
 
-    python -m bench.bench_kernels_linear [--dtype float32|bfloat16|float16] [--noise-numel 124000000]
+    python -m bench.bench_kernels_linear [--dtype float32|bfloat16|float16] [--noise-numel 124000000] [--smoke]
 
 Per shape (B, T, d, p) it prints milliseconds (triton.testing.do_bench, median) for:
 
@@ -15,12 +15,19 @@ Then the noise pass over a flat fp32 buffer: the Triton kernel against the torch
 and the relative error printed. fp32 cuBLAS baselines run in IEEE fp32 (TF32 off); the kernels' fp32 dots use tf32x3
 (rerun with torch.backends.cuda.matmul.allow_tf32 = True for the TF32 baseline).
 Nothing is written to disk. Without CUDA (or triton) it says so and exits 0.
+
+``--smoke`` runs the same code on CPU tensors in triton's interpreter (TRITON_INTERPRET=1),
+with tiny ragged shapes, a small noise buffer and perf_counter timings: a check that the
+script itself runs (tests/test_bench_kernels_smoke.py), not a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -32,11 +39,30 @@ SHAPES = [
     (64, 128, 1024, 1024),
 ]
 
+# --smoke: tiny and ragged (not multiples of the interpreter's 16-wide blocks); both norm methods
+SMOKE_SHAPES = [
+    (3, 5, 7, 9),     # direct
+    (2, 1, 6, 4),     # T = 1: ghost (Goodfellow)
+    (3, 2, 20, 17),   # ghost (Gram)
+    (2, 19, 5, 3),    # direct, T over one block
+]
+SMOKE_NOISE_NUMEL = 4099
 
-def milliseconds(fn) -> float:
+
+def gpu_milliseconds(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def cpu_milliseconds(fn, repeats: int = 3) -> float:
+    """Median wall time of a few calls (--smoke: do_bench needs CUDA)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -49,13 +75,13 @@ def materialise_then_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g.mT, a).float().square().sum((1, 2))
 
 
-def bench_shape(B: int, T: int, d: int, p: int, dtype: torch.dtype) -> None:
+def bench_shape(B: int, T: int, d: int, p: int, dtype: torch.dtype, device: str, milliseconds) -> None:
     from fastdp.kernels import linear_clipped_grad, linear_direct_norm, linear_ghost_norm, linear_grad_sample
     from fastdp.ops import linear as linear_ops
 
-    a = torch.randn(B, T, d, device="cuda", dtype=dtype)
-    g = torch.randn(B, T, p, device="cuda", dtype=dtype)
-    c = torch.rand(B, device="cuda")
+    a = torch.randn(B, T, d, device=device, dtype=dtype)
+    g = torch.randn(B, T, p, device=device, dtype=dtype)
+    c = torch.rand(B, device=device)
     chosen = linear_ops.choose_linear_norm_method(B, T, d, p)
     norm_op = linear_ops.linear_norm_sq_ghost if chosen == "ghost" else linear_ops.linear_norm_sq_direct
     reference_norm = norm_op.torch_reference
@@ -85,16 +111,16 @@ def bench_shape(B: int, T: int, d: int, p: int, dtype: torch.dtype) -> None:
         print(f"  {name:<{width}}  {ms:9.3f} ms  {ms / gemm_ms:7.2f}x GEMM  {note}")
 
 
-def bench_noise(numel: int) -> None:
+def bench_noise(numel: int, device: str, milliseconds) -> None:
     from fastdp.kernels import noise
     from fastdp.ops import noise as noise_ops
 
-    flat = torch.randn(numel, device="cuda")
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    flat = torch.randn(numel, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     kernel_ms = milliseconds(lambda: noise.add_noise_and_scale(flat, 1.0, 0.5, generator))
     torch_ms = milliseconds(lambda: noise_ops.add_noise_and_scale.torch_reference(flat, 1.0, 0.5, generator))
     scale_ms = milliseconds(lambda: noise.add_noise_and_scale(flat, 0.0, 0.5, generator))
-    z = torch.zeros(numel, device="cuda")
+    z = torch.zeros(numel, device=device)
     noise.add_noise_and_scale(z, 1.0, 1.0, generator)
     print(f"\nnoise pass over {numel} fp32 values "
           f"(kernel noise: mean {z.mean().item():+.1e}, std {z.std().item():.5f})")
@@ -105,10 +131,15 @@ def bench_noise(numel: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--noise-numel", type=int, default=124_000_000, help="flat buffer size (GPT-2 small: ~124M)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--noise-numel", type=int, default=None,
+                        help=f"flat buffer size (default ~124M as GPT-2 small; --smoke: {SMOKE_NOISE_NUMEL})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU in triton's interpreter: checks that the script runs")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (and fastdp.kernels) is imported
+    elif not torch.cuda.is_available():
         print("bench_kernels_linear: no CUDA device; nothing to time")
         return 0
     try:
@@ -116,12 +147,20 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_kernels_linear: triton is not installed; nothing to time")
         return 0
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.smoke:
+        device, milliseconds, shapes, noise_numel = "cpu", cpu_milliseconds, SMOKE_SHAPES, SMOKE_NOISE_NUMEL
+        device_name = f"cpu (--smoke, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
+    else:
+        device, milliseconds, shapes, noise_numel = "cuda", gpu_milliseconds, SHAPES, 124_000_000
+        device_name = torch.cuda.get_device_name()
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if args.noise_numel is not None:
+        noise_numel = args.noise_numel
     dtype = getattr(torch, args.dtype)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    for shape in SHAPES:
-        bench_shape(*shape, dtype)
-    bench_noise(args.noise_numel)
+    print(f"device: {device_name}, torch {torch.__version__}, triton {triton.__version__}")
+    for shape in shapes:
+        bench_shape(*shape, dtype, device, milliseconds)
+    bench_noise(noise_numel, device, milliseconds)
     return 0
 
 
