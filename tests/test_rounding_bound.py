@@ -137,3 +137,26 @@ def test_slack_bounds_the_actual_rounding_error_of_the_clipped_gemm():
             # the GEMM's own output rounding to bf16 is the sum's rounding, allowed on top
             allowance = rounding.UNIT_ROUNDOFF[torch.bfloat16] * float(computed.norm())
             assert float((computed - exact).norm()) <= float(c[i]) * float(slack[i]) + allowance + 1e-12
+
+
+def test_norms_are_computed_without_tf32(monkeypatch):
+    """A norm rounded to TF32 could come out too small (and its clip factor too large)."""
+    seen = []
+    original = LinearRule.norm_sq_per_param
+
+    def recording(self, *args):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return original(self, *args)
+
+    monkeypatch.setattr(LinearRule, "norm_sq_per_param", recording)
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        module = nn.Linear(3, 2)
+        GradSampleModule(module, loss_reduction="sum", clipping=FlatClipping(C))(torch.randn(4, 3)).sum().backward()
+        assert seen == [("highest", False)]
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)  # restored
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]

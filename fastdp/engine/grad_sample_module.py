@@ -29,6 +29,7 @@ from torch import nn
 from ..losses import check_model_loss
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
+from . import rounding
 from .rules import get_rule
 from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
@@ -431,7 +432,9 @@ class _BackwardStep:
         the outer factors of each use of a shared parameter) add the cross terms of the uses."""
         norm_sq, slack = {}, {}
         for call in self.rule_calls:
-            for name, value in call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output).items():
+            with rounding.ieee_fp32():
+                call_norm_sq = call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output)
+            for name, value in call_norm_sq.items():
                 key = id(call.params[name])
                 value = value * self.scale**2
                 norm_sq[key] = norm_sq[key] + value if key in norm_sq else value
@@ -440,9 +443,10 @@ class _BackwardStep:
                 value = value * self.scale
                 slack[key] = slack[key] + value if key in slack else value
         for key, uses in cross_factors.items():
-            cross = sum(
-                outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
-            )
+            with rounding.ieee_fp32():
+                cross = sum(
+                    outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
+                )
             # ||sum of uses||² >= 0; rounding may take a cancelling sum below 0 (clamp keeps NaN as NaN)
             norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross).clamp(min=0).float()
         for key, (_, grads) in self.materialised.items():

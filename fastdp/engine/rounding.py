@@ -11,12 +11,17 @@ A rule therefore reports that slack, ``s_i = κ Σ_t ‖g_t‖‖a_t‖`` per pa
 (``LayerRule.rounding_slack``), and the engine clips with the norm ``‖G_i‖ + s_i``: what is
 summed is then at most ``c (‖G_i‖ + s_i) ≤ C``.
 
+The norms themselves are computed in IEEE fp32 (``ieee_fp32``): under TF32 a norm could come out
+too small, and the factor too large.
+
 Conventions: fp32 arithmetic (accumulation, and Triton's tf32x3 dots) counts as exact, as it
 does everywhere else; the final rounding of the whole batch's sum to the parameter's dtype is
 not per-sample and is not counted.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +73,18 @@ def conv_slack(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, dilation, 
     patch_sq = conv(x.float().square(), ones, stride=stride, dilation=dilation, groups=groups)  # [B, groups, *out]
     g_sq = g.float().square().reshape(batch, groups, g.shape[1] // groups, -1).sum(2)
     return kappa * (patch_sq.flatten(2).clamp(min=0).sqrt() * g_sq.sqrt()).sum((1, 2))
+
+
+@contextmanager
+def ieee_fp32():
+    """fp32 matmuls and cuDNN convolutions without TF32 inside (the global settings, restored after):
+    per-sample norms decide the clip factors, so they must not be rounded to TF32's 10-bit mantissa."""
+    precision = torch.get_float32_matmul_precision()
+    conv_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv_tf32
+        torch.set_float32_matmul_precision(precision)
