@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+from bench.kernel_timing import cpu_milliseconds, gpu_milliseconds
 
 # (name, B, C_in, C_out, H=W of the input, kernel, stride, padding) — CIFAR ResNet18 convs
 CONV_SHAPES = [
@@ -69,22 +69,6 @@ SMOKE_NORM_SHAPES = [
     ("RMSNorm(9), B=3 T=4", (3, 4, 9, 1), 1, True),
 ]
 SMOKE_EMBEDDING_SHAPES = [(11, 7, 3, 5), (37, 20, 2, 17)]  # few ids: rows repeat within and across samples
-
-
-def gpu_milliseconds(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def cpu_milliseconds(fn, repeats: int = 3) -> float:
-    """Median wall time of a few calls (--smoke: do_bench needs CUDA)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def timed(label: str, fn, milliseconds):

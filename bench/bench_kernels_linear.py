@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+from bench.kernel_timing import cpu_milliseconds, gpu_milliseconds
 
 # (B, T, d, p)
 SHAPES = [
@@ -47,22 +47,6 @@ SMOKE_SHAPES = [
     (2, 19, 5, 3),    # direct, T over one block
 ]
 SMOKE_NOISE_NUMEL = 4099
-
-
-def gpu_milliseconds(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def cpu_milliseconds(fn, repeats: int = 3) -> float:
-    """Median wall time of a few calls (--smoke: do_bench needs CUDA)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
