@@ -479,7 +479,7 @@ class _BackwardStep:
             for name, grad in clipped.items():
                 _add_to_grad(call.params[name], grad)
         for key, (param, grads) in self.materialised.items():
-            _add_to_grad(param, clipped_sum_of_grad_samples(factors[key], grads).to(grads.dtype))
+            _add_to_grad(param, clipped_sum_of_grad_samples(factors[key], grads))
 
 
 def _split_calls(calls: List[ModuleCall], materialise_all: bool):
