@@ -30,7 +30,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.kernel_timing import cpu_milliseconds, gpu_milliseconds
+from bench.kernel_timing import can_run, cpu_milliseconds, gpu_milliseconds
 
 # (name, B, C_in, C_out, H=W of the input, kernel, stride, padding) — CIFAR ResNet18 convs
 CONV_SHAPES = [
@@ -206,15 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU in triton's interpreter: checks that the script runs")
     args = parser.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (and fastdp.kernels) is imported
-    elif not torch.cuda.is_available():
-        print("no CUDA device: the Triton kernel benchmarks need a GPU; skipped")
-        return 0
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("triton is not installed: skipped")
+    if not can_run("bench_kernels_conv_embedding_norms", args.smoke):
         return 0
     if args.smoke:
         device, milliseconds, batch = "cpu", cpu_milliseconds, SMOKE_BATCH

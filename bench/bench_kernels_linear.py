@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from bench.kernel_timing import cpu_milliseconds, gpu_milliseconds
+from bench.kernel_timing import can_run, cpu_milliseconds, gpu_milliseconds
 
 # (B, T, d, p)
 SHAPES = [
@@ -121,16 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU in triton's interpreter: checks that the script runs")
     args = parser.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (and fastdp.kernels) is imported
-    elif not torch.cuda.is_available():
-        print("bench_kernels_linear: no CUDA device; nothing to time")
+    if not can_run("bench_kernels_linear", args.smoke):
         return 0
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("bench_kernels_linear: triton is not installed; nothing to time")
-        return 0
+    import triton  # after can_run: TRITON_INTERPRET must be set first under --smoke
     if args.smoke:
         device, milliseconds, shapes, noise_numel = "cpu", cpu_milliseconds, SMOKE_SHAPES, SMOKE_NOISE_NUMEL
         device_name = f"cpu (--smoke, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"

@@ -1,9 +1,29 @@
-"""The two timers of the kernel benchmarks: triton's do_bench on a GPU, wall time for --smoke."""
+"""What the kernel benchmarks share: whether they can run here, and their two timers (triton's
+do_bench on a GPU, wall time for --smoke)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+
+import torch
+
+
+def can_run(script: str, smoke: bool) -> bool:
+    """--smoke: yes, in triton's interpreter (set before triton is imported). Otherwise only with
+    CUDA and triton; if not, say why (the caller exits 0)."""
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print(f"{script}: no CUDA device; nothing to time")
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print(f"{script}: triton is not installed; nothing to time")
+        return False
+    return True
 
 
 def gpu_milliseconds(fn) -> float:
