@@ -13,6 +13,7 @@ from .engine.rules import LayerRule, register_grad_sampler, register_rule, regis
 from .optimizers import DPOptimizer  # noqa: E402
 from .layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN  # noqa: E402
 from .privacy_engine import PrivacyEngine  # noqa: E402
+from .sample_independence import check_sample_independence  # noqa: E402
 from .utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from .validators import ModuleValidator  # noqa: E402
 
@@ -23,6 +24,7 @@ __all__ = [
     "DPDataLoader",
     "BatchMemoryManager",
     "make_graphed_dp_step",
+    "check_sample_independence",
     "ModuleValidator",
     "LayerRule",
     "register_rule",

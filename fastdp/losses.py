@@ -81,22 +81,30 @@ def per_sample_lm_loss(
 def check_model_loss(model_kwargs: dict, loss_reduction: str, ignore_index: int = -100) -> None:
     """Refuse a loss a model computed itself from ``labels=`` (Hugging Face) when it couples samples.
 
-    HF's losses are batch means. With ``loss_reduction="mean"`` and every sample having the same
-    number of valid labels (before and after the causal shift), that mean is exactly the mean of
-    per-sample means, so it is accepted; otherwise each sample's weight depends on the others.
+    HF's losses are batch means over the valid labels (those not equal to ``ignore_index``). With
+    ``loss_reduction="mean"`` and every sample having the same number of valid labels (before and
+    after the causal shift, for token labels), that mean is exactly the mean of per-sample means,
+    so it is accepted; otherwise each sample's weight depends on the others: one label of -100 in a
+    sequence-classification batch changes every other sample's weight (and a sample whose own
+    gradient is zero still moves the step).
     """
-    fix = "call the model without labels= and use fastdp.losses.per_sample_lm_loss(out.logits, labels, ...)"
+    fix = (
+        "call the model without labels= and compute a per-sample loss: fastdp.losses.per_sample_lm_loss(logits, "
+        "labels, ...) for token labels, F.cross_entropy(logits, labels, reduction='sum') / len(labels) for one label "
+        "per sample"
+    )
     if loss_reduction != "mean":
         raise ValueError(f"the model computed a batch-mean loss from labels=, which needs loss_reduction='mean'; {fix}")
     if model_kwargs.get("num_items_in_batch") is not None:
         raise ValueError(f"num_items_in_batch divides every sample's loss by a batch statistic; {fix}")
     labels = model_kwargs["labels"]
-    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.shape[0] <= 1:
-        return  # one label per sample: the batch mean is the mean of per-sample losses
-    for view in (labels, labels[:, 1:]):
+    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] <= 1:
+        return
+    views = (labels[:, None],) if labels.dim() == 1 else (labels, labels[:, 1:])  # one label per sample, or tokens
+    for view in views:
         counts = (view != ignore_index).reshape(view.shape[0], -1).sum(1)
         if bool(counts.min() != counts.max()):
             raise ValueError(
-                "the model's loss averages over all valid tokens of the batch, and samples have different "
+                "the model's loss averages over all valid labels of the batch, and samples have different "
                 f"numbers of them (labels == {ignore_index}), so each sample's weight depends on the others; {fix}"
             )

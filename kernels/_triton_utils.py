@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdp.ops import rounding
+
 #: input dtypes the kernels handle; anything else runs the op's torch reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,6 +44,19 @@ def dot_fp32(x, y, acc):
         return tl.dot(x, y, acc, input_precision="tf32x3", out_dtype=tl.float32)
     else:
         return tl.dot(x, y, acc, out_dtype=tl.float32)
+
+
+def dot_fp32_error(width: int, dtype: torch.dtype) -> float:
+    """``dot_fp32``'s error bound for a length-``width`` dot product, relative to Σ|x_k y_k| (the norm
+    bounds of ``fastdp.ops.rounding`` use it). fp32 operands as tf32x3 lose each operand's remainder
+    below two TF32 parts and the low×low product: ≤ 3·2⁻²² per product. Tensor cores accumulate in
+    fp32, possibly truncating (2⁻²³ per rounding), one rounding per instruction of k products (k = 8
+    for TF32, 16 for bf16/fp16, whose products are exact) plus the k-term sum inside it."""
+    if dtype == torch.float32:
+        products, roundings = 3 * 2.0**-22, 3 * -(-width // 8) + 8
+    else:
+        products, roundings = 0.0, -(-width // 16) + 16
+    return (1 + products) * (1 + rounding.gamma(roundings, 2.0**-23)) - 1
 
 
 def _fix_interpreter_bf16() -> None:

@@ -34,10 +34,11 @@ import triton
 import triton.language as tl
 
 from fastdp.ops import conv as _ops
-from fastdp.ops import register_impl
+from fastdp.ops import register_impl, rounding
 from fastdp.ops.linear import choose_linear_norm_method
 
-from ._triton_utils import check_device, dot_fp32, kernel_handles  # importing it also fixes bf16 tl.dot in the interpreter
+# importing _triton_utils also fixes bf16 tl.dot in the interpreter
+from ._triton_utils import check_device, dot_fp32, dot_fp32_error, kernel_handles
 
 #: Largest tile edges: along C_out/groups and the patch width d, and along output positions T.
 MAX_BLOCK_PK = 64
@@ -102,6 +103,7 @@ def _conv_direct_kernel(
         out = out_ptr + (b * groups * p + group * p + rows_p)[:, None] * d + cols_k[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & col_mask[None, :])
     else:
+        acc = acc.to(tl.float64)  # exact squares, float64 sum
         tl.store(out_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
@@ -151,7 +153,8 @@ def _conv_ghost_kernel(
             g_gram = dot_fp32(g_i, tl.trans(g_j), g_gram)
 
         weight = tl.where(j > i, 2.0, 1.0)
-        tl.store(out_ptr + pid, weight * tl.sum(tl.sum(a_gram * g_gram, axis=1), axis=0))
+        products = a_gram.to(tl.float64) * g_gram.to(tl.float64)  # exact, summed in float64
+        tl.store(out_ptr + pid, weight * tl.sum(tl.sum(products, axis=1), axis=0))
 
 
 def _block(n: int, cap: int) -> int:
@@ -199,7 +202,7 @@ def _check_geometry(x, g, kernel_size, stride, dilation, groups):
 
 
 def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Triton ``conv_weight_norm_sq``: float32 [B], ghost or direct as the reference chooses."""
+    """Triton ``conv_weight_norm_sq``: upper bounds, float32 [B], ghost or direct as the reference chooses."""
     if not kernel_handles(x, g):  # empty, float64 or mixed dtypes
         return _ops.conv_weight_norm_sq.torch_reference(x, g, kernel_size, stride, dilation, groups)
     d = x.shape[1] // groups * math.prod(kernel_size)
@@ -209,29 +212,39 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
 
 
 def ghost_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Per-sample squared norms by the Gram form, whatever the shape (float32 [B])."""
+    """Upper bounds of the per-sample squared norms by the Gram form, whatever the shape (float32 [B]):
+    the kernel's value plus the Grams' rounding bound in terms of the patches' term mass."""
     tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     block_t = _block(T, MAX_BLOCK_T)
     tiles = triton.cdiv(T, block_t) ** 2
-    partial = torch.zeros(x.shape[0] * groups * tiles, dtype=torch.float32, device=x.device)
+    partial = torch.zeros(x.shape[0] * groups * tiles, dtype=torch.float64, device=x.device)
     _conv_ghost_kernel[(partial.numel(),)](
         *tensors, partial, *scalars, **shape,
         BLOCK_T=block_t, BLOCK_K=_block(d, MAX_BLOCK_PK), BLOCK_P=_block(p, MAX_BLOCK_PK),
     )
-    return partial.view(x.shape[0], -1).sum(1)
+    upper = rounding.ghost_norm_sq_upper(
+        partial.view(x.shape[0], -1).sum(1), rounding.conv_term_mass(x, g, kernel_size, stride, dilation, groups),
+        dot_fp32_error(d, x.dtype), dot_fp32_error(p, g.dtype), rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]),
+    )
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def direct_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Per-sample squared norms by forming G tile by tile on chip, whatever the shape (float32 [B])."""
+    """Upper bounds of the per-sample squared norms by forming G tile by tile on chip, whatever the shape
+    (float32 [B]): ``(‖G̃‖ + error · term mass)²`` over all groups (Minkowski)."""
     tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     block_p, block_k = _block(p, MAX_BLOCK_PK), _block(d, MAX_BLOCK_PK)
     tiles = triton.cdiv(p, block_p) * triton.cdiv(d, block_k)
-    partial = torch.empty(x.shape[0] * groups * tiles, dtype=torch.float32, device=x.device)
+    partial = torch.empty(x.shape[0] * groups * tiles, dtype=torch.float64, device=x.device)
     _conv_direct_kernel[(partial.numel(),)](
         *tensors, partial, *scalars, **shape,
         STORE_GRAD=False, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=_block(T, MAX_BLOCK_T),
     )
-    return partial.view(x.shape[0], -1).sum(1)
+    upper = rounding.direct_norm_sq_upper(
+        partial.view(x.shape[0], -1).sum(1), rounding.conv_term_mass(x, g, kernel_size, stride, dilation, groups),
+        dot_fp32_error(T, x.dtype), rounding.gamma(groups * p * d, rounding.UNIT_ROUNDOFF[torch.float64]),
+    )
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:

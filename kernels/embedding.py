@@ -124,7 +124,7 @@ def _segment_rows(token_grads, order, seg_keys, seg_offsets, out, num_embeddings
 
 
 def embedding_norm_sq(ids, sample_of_token, token_grads, batch_size: int, num_embeddings: int, padding_idx: int):
-    """Triton ``embedding_norm_sq``: float32 [batch_size]."""
+    """Triton ``embedding_norm_sq``: upper bounds (``fastdp.ops.embedding.embedding_norm_sq_upper``), float32 [batch_size]."""
     if not kernel_handles(token_grads):  # no tokens, or float64
         return _ops.embedding_norm_sq.torch_reference(
             ids, sample_of_token, token_grads, batch_size, num_embeddings, padding_idx
@@ -141,7 +141,8 @@ def embedding_norm_sq(ids, sample_of_token, token_grads, batch_size: int, num_em
     samples = torch.arange(batch_size + 1, device=out.device, dtype=seg_keys.dtype)
     sample_offsets = torch.searchsorted(seg_keys // num_embeddings, samples)
     _range_sums_kernel[(batch_size,)](seg_norm_sq, sample_offsets, out, BLOCK=BLOCK_TOKENS)
-    return out
+    return _ops.embedding_norm_sq_upper(out.double(), ids, sample_of_token, token_grads, batch_size, padding_idx,
+                                        torch.float32, square_sum_dtype=torch.float32)
 
 
 def embedding_clipped_grad(ids, sample_of_token, token_grads, clip_factors, num_embeddings: int, padding_idx: int):

@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 
 from fastdp.ops import linear as _ops
-from fastdp.ops import register_impl
+from fastdp.ops import register_impl, rounding
 
-from ._triton_utils import INTERPRETER_BLOCK, Launcher, check_activations, check_device, kernel_handles, use_interpreter
+from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32_error, kernel_handles,
+                            use_interpreter)
 from .linear_grad_sample import PER_SAMPLE_TILE_CONFIGS, PER_SAMPLE_TILE_INTERPRETER, per_sample_grad_tile
 
 
@@ -34,6 +35,7 @@ def _linear_direct_norm_kernel(a_ptr, g_ptr, partials_ptr, T, d, p,
                                 stride_ab, stride_at, stride_ad, stride_gb, stride_gt, stride_gp,
                                 BLOCK_T, BLOCK_P, BLOCK_D)
     tile_index = tile_p * tl.num_programs(2) + tile_d
+    tile = tile.to(tl.float64)  # exact squares, float64 sum
     tl.store(partials_ptr + sample.to(tl.int64) * partials_stride + tile_index, tl.sum(tile * tile))
 
 
@@ -52,10 +54,12 @@ def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     B, T, d = a.shape
     p = g.shape[-1]
     max_tiles = triton.cdiv(p, _launch.smallest("BLOCK_P")) * triton.cdiv(d, _launch.smallest("BLOCK_D"))
-    partials = torch.zeros(B, max_tiles, dtype=torch.float32, device=a.device)
+    partials = torch.zeros(B, max_tiles, dtype=torch.float64, device=a.device)
     grid = lambda meta: (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _launch(grid, a, g, partials, T, d, p, *a.stride(), *g.stride(), partials.stride(0))
-    return partials.sum(1)
+    upper = rounding.direct_norm_sq_upper(partials.sum(1), rounding.term_mass(a, g), dot_fp32_error(T, a.dtype),
+                                          rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]))
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @triton.jit
@@ -71,6 +75,7 @@ def _linear_bias_norm_kernel(g_ptr, partials_ptr, T, p, stride_gb, stride_gt, st
         g_tile = tl.load(g_sample + offs_t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
                          mask=(offs_t[:, None] < T) & (offs_p[None, :] < p), other=0.0)
         bias_grad += tl.sum(g_tile.to(tl.float32), axis=0)
+    bias_grad = bias_grad.to(tl.float64)  # exact squares, float64 sum
     tl.store(partials_ptr + sample.to(tl.int64) * tl.num_programs(1) + tile_p, tl.sum(bias_grad * bias_grad))
 
 
@@ -87,9 +92,11 @@ def linear_bias_norm_sq(g: torch.Tensor) -> torch.Tensor:
     check_device(g)
     B, T, p = g.shape
     tiles = triton.cdiv(p, _BIAS_BLOCKS["BLOCK_P"])
-    partials = torch.empty(B, tiles, dtype=torch.float32, device=g.device)
+    partials = torch.empty(B, tiles, dtype=torch.float64, device=g.device)
     _linear_bias_norm_kernel[(B, tiles)](g, partials, T, p, *g.stride(), **_BIAS_BLOCKS)
-    return partials.sum(1)
+    upper = rounding.direct_norm_sq_upper(partials.sum(1), rounding.bias_term_mass(g), rounding.gamma(T + 8),
+                                          rounding.gamma(p, rounding.UNIT_ROUNDOFF[torch.float64]))
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 register_impl("linear_norm_sq_direct", "triton", linear_norm_sq_direct)

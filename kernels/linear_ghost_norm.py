@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from fastdp.ops import linear as _ops
-from fastdp.ops import register_impl
+from fastdp.ops import register_impl, rounding
 
-from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32, kernel_handles,
-                            use_interpreter)
+from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32, dot_fp32_error,
+                            kernel_handles, use_interpreter)
 
 #: GPU configs: BLOCK_K columns of a (or g) per step; BLOCK_T is chosen from T by the wrapper.
 GHOST_CONFIGS = [
@@ -62,7 +62,7 @@ def _linear_ghost_norm_kernel(a_ptr, g_ptr, partials_ptr, T, d, p,
                         BLOCK_T, BLOCK_K)
     g_gram = _gram_tile(g_ptr, sample, offs_t, offs_s, T, p, p * upper, stride_gb, stride_gt, stride_gp,
                         BLOCK_T, BLOCK_K)
-    partial = weight * tl.sum(a_gram * g_gram)
+    partial = weight * tl.sum(a_gram.to(tl.float64) * g_gram.to(tl.float64))  # exact products, float64 sum
     tl.store(partials_ptr + sample.to(tl.int64) * n_blocks * n_blocks + block_t * n_blocks + block_s, partial)
 
 
@@ -94,31 +94,37 @@ def _goodfellow_norm_kernel(a_ptr, g_ptr, out_ptr, d, p, stride_ab, stride_ad, s
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(g_sample + offs * stride_gp, mask=offs < p, other=0.0).to(tl.float32)
         g_sq += x * x
-    tl.store(out_ptr + sample, tl.sum(a_sq) * tl.sum(g_sq))
+    tl.store(out_ptr + sample, tl.sum(a_sq).to(tl.float64) * tl.sum(g_sq).to(tl.float64))
 
 
 _GOODFELLOW_BLOCK = INTERPRETER_BLOCK if use_interpreter() else 1024
 
 
 def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||g_iᵀ a_i||²_F per sample as <a_i a_iᵀ, g_i g_iᵀ>: float32 [B], no T×T matrix in memory."""
+    """An upper bound of ||g_iᵀ a_i||²_F per sample from <a_i a_iᵀ, g_i g_iᵀ>, no T×T matrix in memory:
+    the kernel's value plus its rounding bound (``fastdp.ops.rounding``), float32 [B]."""
     check_activations(a, g)
     if not kernel_handles(a, g):
         return _ops.linear_norm_sq_ghost.torch_reference(a, g)
     check_device(a, g)
     B, T, d = a.shape
     p = g.shape[-1]
-    if T == 1:
-        out = torch.empty(B, dtype=torch.float32, device=a.device)
-        _goodfellow_norm_kernel[(B,)](a, g, out, d, p, a.stride(0), a.stride(2), g.stride(0), g.stride(2),
+    if T == 1:  # the Goodfellow product: each factor a plain fp32 sum of squares (γ_width, any order)
+        value = torch.empty(B, dtype=torch.float64, device=a.device)
+        _goodfellow_norm_kernel[(B,)](a, g, value, d, p, a.stride(0), a.stride(2), g.stride(0), g.stride(2),
                                       BLOCK=_GOODFELLOW_BLOCK)
-        return out
-    block_t = ghost_block_t(T)
-    n_blocks = triton.cdiv(T, block_t)
-    partials = torch.empty(B, n_blocks * n_blocks, dtype=torch.float32, device=a.device)
-    _launch(lambda meta: (B, n_blocks, n_blocks), a, g, partials, T, d, p, *a.stride(), *g.stride(),
-            BLOCK_T=block_t)
-    return partials.sum(1)
+        errors = rounding.gamma(d + 1), rounding.gamma(p + 1)
+    else:
+        block_t = ghost_block_t(T)
+        n_blocks = triton.cdiv(T, block_t)
+        partials = torch.empty(B, n_blocks * n_blocks, dtype=torch.float64, device=a.device)
+        _launch(lambda meta: (B, n_blocks, n_blocks), a, g, partials, T, d, p, *a.stride(), *g.stride(),
+                BLOCK_T=block_t)
+        value = partials.sum(1)
+        errors = dot_fp32_error(d, a.dtype), dot_fp32_error(p, g.dtype)
+    upper = rounding.ghost_norm_sq_upper(value, rounding.term_mass(a, g), *errors,
+                                         rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]))
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 register_impl("linear_norm_sq_ghost", "triton", linear_norm_sq_ghost)

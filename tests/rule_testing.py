@@ -13,6 +13,43 @@ from fastdp.engine.rules import get_rule
 from .microbatch import microbatch_grad_sample, split_batch
 
 
+def without_rounding_bounds(monkeypatch) -> None:
+    """Take the rounding bounds out of every norm and clipped sum (``fastdp.ops.rounding``), so that a test
+    can show what they guard against: norms become the computed values, slacks zero."""
+    from fastdp.engine.rules.base import LayerRule
+    from fastdp.ops import rounding
+
+    monkeypatch.setattr(rounding, "ghost_norm_sq_upper", lambda value, *args: value.clamp(min=0))
+    monkeypatch.setattr(rounding, "direct_norm_sq_upper", lambda value, *args: value)
+    monkeypatch.setattr(rounding, "cross_inner_upper", lambda value, *args: value)
+    monkeypatch.setattr(rounding, "clipped_sum_error", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(rounding, "round_up_float32", lambda x: x.float())
+    for rule_class in {type(rule) for rule in _all_rules()}:
+        if "rounding_slack" in vars(rule_class):
+            monkeypatch.setattr(rule_class, "rounding_slack", LayerRule.rounding_slack)
+
+
+def _all_rules():
+    from fastdp.engine import rules
+
+    return list(rules._RULES.values()) + list(rules._RULES_BY_NAME.values())
+
+
+#: how far above the exact norm the engine's upper bounds may lie for random (non-cancelling) data:
+#: the fp32 rounding bounds of fastdp.ops.rounding, relative to the samples' term mass
+BOUND_RTOL = 1e-4
+
+
+def assert_norm_bounds(actual: torch.Tensor, expected: torch.Tensor, rtol: float = BOUND_RTOL, atol: float = 1e-7) -> None:
+    """The engine's per-sample norms are upper bounds (``fastdp.ops.rounding``): at least the reference
+    (up to the reference's own float32 rounding) and at most ``rtol`` above it."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    low = (actual - expected * (1 - 1e-6) + atol).min()
+    assert low >= 0, f"a norm below its reference: {(actual / expected).min():.9f}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     """Normwise relative closeness, ||actual - expected|| <= rtol·||expected|| (and equal shapes)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)

@@ -17,7 +17,7 @@ from fastdp.engine.clipping import FlatClipping  # noqa: E402
 from fastdp.optimizers import DPOptimizer  # noqa: E402
 
 from .models import clipped_sum, make, microbatch_per_sample_grads  # noqa: E402
-from .rule_testing import assert_rel_close  # noqa: E402
+from .rule_testing import BOUND_RTOL, assert_rel_close  # noqa: E402
 
 TORCH_BY_DESIGN = {"conv_weight_clipped_grad"}
 
@@ -61,7 +61,8 @@ def test_triton_engine_step_equals_torch_and_microbatching(name, monkeypatch, re
     # Compared over the whole gradient: a conv bias before GroupNorm has a gradient that is zero
     # up to rounding, which no per-parameter relative test can pin down.
     assert_rel_close(flat(torch_grads), flat(expected), 1e-5)
-    assert_rel_close(flat(triton_grads), flat(torch_grads), 1e-5)
+    # both clip with upper bounds of the norms, the kernels' (tf32x3 on a GPU) a little looser
+    assert_rel_close(flat(triton_grads), flat(torch_grads), BOUND_RTOL)
     assert record_backends, "the step called no dispatched op"
     fell_back = {op for op, backends in record_backends.items() if "triton" not in backends} - TORCH_BY_DESIGN
     assert not fell_back, f"ops that ran their torch reference under FASTDP_BACKEND=triton: {sorted(fell_back)}"

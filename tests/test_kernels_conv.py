@@ -1,8 +1,9 @@
 """Triton conv kernels (kernels/conv_norm.py) against the torch reference and microbatching, interpreted on CPU.
 
-Tolerances: fp32 inputs 1e-5 relative. bf16/fp16 inputs are exact in fp32 and the kernels
-accumulate in fp32, so the norms are held to 1e-4 against the reference on the same rounded
-inputs; per-sample gradients stored in bf16/fp16 to that dtype's rounding (2e-2 / 4e-3).
+Tolerances: the norms are upper bounds (``fastdp.ops.rounding``): at least the float64 reference
+and at most 1e-3 above it (the kernels' error model, tf32x3 and truncating tensor-core sums, is
+looser than the interpreter's arithmetic). Per-sample gradients: fp32 1e-5 relative; stored in
+bf16/fp16 to that dtype's rounding (2e-2 / 4e-3).
 """
 
 import os
@@ -21,7 +22,7 @@ from fastdp.engine.rules.conv import padded_input  # noqa: E402
 from fastdp.ops import conv as conv_ops  # noqa: E402
 from fastdp.ops import select_impl  # noqa: E402
 
-from .rule_testing import grads_and_scales  # noqa: E402
+from .rule_testing import assert_norm_bounds, grads_and_scales  # noqa: E402
 
 LOW_PRECISION_RTOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -82,7 +83,7 @@ def test_norms_and_grad_sample_match_reference(name, small_tiles):
     for norm_sq in (conv_kernels.ghost_norm_sq, conv_kernels.direct_norm_sq, conv_kernels.conv_weight_norm_sq):
         norms = norm_sq(x, g, *geometry)
         assert norms.dtype == torch.float32
-        assert_close(norms, expected, 1e-5)
+        assert_norm_bounds(norms, expected, rtol=1e-3)
     grads = conv_kernels.conv_weight_grad_sample(x, g, *geometry)
     assert grads.dtype == x.dtype
     assert_close(grads, conv_ops.conv_weight_grad_sample.torch_reference(x.double(), g.double(), *geometry), 1e-5)
@@ -92,7 +93,7 @@ def test_ghost_spans_several_position_tiles(small_tiles):
     """T = 36 > 16: diagonal and (doubled) off-diagonal Gram blocks, ragged last block."""
     x, g = make_case(2, 4, 6, (8, 8), (3, 3), (1, 1), (1, 1), 2)
     geometry = ((3, 3), (1, 1), (1, 1), 2)
-    assert_close(conv_kernels.ghost_norm_sq(x, g, *geometry), reference_norms(x, g, geometry), 1e-5)
+    assert_norm_bounds(conv_kernels.ghost_norm_sq(x, g, *geometry), reference_norms(x, g, geometry), rtol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -106,7 +107,7 @@ def test_low_precision(name, dtype, small_tiles):
     for norm_sq in (conv_kernels.ghost_norm_sq, conv_kernels.direct_norm_sq):
         norms = norm_sq(x, g, *geometry)
         assert norms.dtype == torch.float32
-        assert_close(norms, expected, 1e-4)
+        assert_norm_bounds(norms, expected, rtol=1e-3)
     grads = conv_kernels.conv_weight_grad_sample(x, g, *geometry)
     assert grads.dtype == dtype
     expected_grads = conv_ops.conv_weight_grad_sample.torch_reference(x.double(), g.double(), *geometry)
@@ -117,8 +118,8 @@ def test_non_contiguous_inputs():
     x, g = make_case(2, 3, 4, (6, 5), (2, 2), (1, 1), (1, 1), 1)
     x_t, g_t = x.transpose(2, 3).contiguous().transpose(2, 3), g.transpose(2, 3).contiguous().transpose(2, 3)
     geometry = ((2, 2), (1, 1), (1, 1), 1)
-    assert_close(conv_kernels.direct_norm_sq(x_t, g_t, *geometry), reference_norms(x, g, geometry), 1e-5)
-    assert_close(conv_kernels.ghost_norm_sq(x_t, g_t, *geometry), reference_norms(x, g, geometry), 1e-5)
+    assert_norm_bounds(conv_kernels.direct_norm_sq(x_t, g_t, *geometry), reference_norms(x, g, geometry), rtol=1e-3)
+    assert_norm_bounds(conv_kernels.ghost_norm_sq(x_t, g_t, *geometry), reference_norms(x, g, geometry), rtol=1e-3)
 
 
 def test_module_with_padding_matches_microbatching():
@@ -135,7 +136,8 @@ def test_module_with_padding_matches_microbatching():
     for norm_sq in (conv_kernels.ghost_norm_sq, conv_kernels.direct_norm_sq):
         norms = norm_sq(x_padded, g, *geometry)
         scale = scales["weight"].double().square().sum((1, 2, 3, 4))
-        assert ((norms.double() - weight_grads.square().sum((1, 2, 3, 4))).abs() <= 1e-5 * scale).all()
+        excess = norms.double() - weight_grads.square().sum((1, 2, 3, 4))  # an upper bound: above, by little
+        assert (excess >= -1e-6 * scale).all() and (excess <= 1e-4 * scale).all()
     per_sample = conv_kernels.conv_weight_grad_sample(x_padded, g, *geometry)
     assert ((per_sample.double() - weight_grads).abs() <= 1e-5 * scales["weight"].double()).all()
 

@@ -129,7 +129,7 @@ def test_masked_step_equals_clip_sum_divide_on_the_real_rows(reduction, mode, bo
     expected = clipped_sum(microbatch_per_sample_grads(reference, x[real], y[real]), bound)
     divisor = dp_opt.expected_batch_size if reduction == "mean" else 1
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[n] - expected[n] / divisor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach(), before[n] - expected[n] / divisor, rtol=1e-4, atol=1e-6)  # norm bounds
 
 
 def test_from_data_loader_keeps_the_padding():

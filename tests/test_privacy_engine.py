@@ -49,8 +49,8 @@ def test_one_step_with_zero_noise_is_clip_sum_divide(reduction):
     dp_opt.step()
     expected = clipped_sum(per_sample, 1.5)
     divisor = dp_opt.expected_batch_size if reduction == "mean" else 1
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[n] - expected[n] / divisor, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():  # rtol: the engine clips with upper bounds of the norms
+        torch.testing.assert_close(p.detach(), before[n] - expected[n] / divisor, rtol=1e-4, atol=1e-6)
 
 
 def test_huge_bound_and_no_noise_is_non_private_sgd():
@@ -238,7 +238,10 @@ def test_adaptive_clipping_tracks_the_quantile_and_pays_for_it():
     assert dp_opt.max_grad_norm < 10.0  # everything was unclipped at C = 100: the bound came down
 
 
-def test_user_registered_grad_sampler_is_used():
+def test_user_registered_grad_sampler_is_used(monkeypatch):
+    from fastdp.engine import rules
+
+    monkeypatch.setattr(rules, "_RULES", dict(rules._RULES))  # the registration ends with this test
     calls = []
 
     @register_grad_sampler(Scale)

@@ -3,7 +3,7 @@
 The clipped sums are formed without materialising per-sample gradients, from rounded products
 c·g_t. When a sample's terms g_t ⊗ a_t cancel, their rounding errors need not, and the
 computed contribution could exceed C by far (the first test builds such a sample: without the
-engine's rounding slack it contributes ~1.8·C in bf16). ``fastdp.engine.rounding`` bounds the
+engine's rounding slack it contributes ~1.8·C in bf16). ``fastdp.ops.rounding`` bounds the
 error and the engine clips with ‖G_i‖ + slack. Allowed above C: the final rounding of the sum to
 the parameter's dtype (one unit roundoff), which is not per-sample.
 """
@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastdp.engine import rounding
+from fastdp.ops import rounding
 from fastdp.engine.clipping import FlatClipping
 from fastdp.engine.grad_sample_module import GradSampleModule
-from fastdp.engine.rules.conv import ConvRule
 from fastdp.engine.rules.linear import LinearRule
 from fastdp.layers import DPLSTM
+
+from .rule_testing import without_rounding_bounds
 
 C = 1.0
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -57,8 +58,8 @@ def test_a_linear_sample_whose_terms_cancel_contributes_at_most_c(dtype, monkeyp
         return max(results)
 
     assert worst() <= _allowed(dtype)
-    monkeypatch.setattr(LinearRule, "rounding_slack", lambda self, *args: {})
-    assert worst() > 1.1 * C  # without the slack: the failure this guards against
+    without_rounding_bounds(monkeypatch)
+    assert worst() > 1.1 * C  # without the bounds: the failure they guard against
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -73,7 +74,7 @@ def test_a_conv_sample_whose_terms_cancel_contributes_at_most_c(dtype, monkeypat
         return max(results)
 
     assert worst() <= _allowed(dtype)
-    monkeypatch.setattr(ConvRule, "rounding_slack", lambda self, *args: {})
+    without_rounding_bounds(monkeypatch)
     assert worst() > 1.1 * C
 
 
@@ -128,7 +129,7 @@ def test_slack_bounds_the_actual_rounding_error_of_the_clipped_gemm():
         a = torch.randn(B, T, d).to(torch.bfloat16)
         g = torch.randn(B, T, p).to(torch.bfloat16)
         c = torch.rand(B)
-        slack = rounding.sequence_slack(a, g, rounding.product_error(torch.bfloat16, a.device))
+        slack = rounding.sequence_slack(a, g, rounding.clipped_sum_error(torch.bfloat16, a.device, T, B * T))
         for i in range(B):
             only_i = torch.zeros(B)
             only_i[i] = c[i]

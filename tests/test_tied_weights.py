@@ -19,9 +19,11 @@ from fastdp.engine.grad_sample_module import GradSampleModule
 from fastdp.engine.rules.embedding import EmbeddingLookupRule
 from fastdp.engine.rules.linear import LinearRule
 from fastdp.ops.embedding import embedding_cross_inner, embedding_linear_cross_inner
-from fastdp.ops.linear import linear_cross_inner_direct, linear_cross_inner_ghost
+import fastdp.ops.linear as linear_ops
+from fastdp.ops.linear import linear_cross_inner
 
 from .models import clipped_sum
+from .rule_testing import assert_norm_bounds
 
 BATCH, VOCAB, DIM = 4, 50, 16
 
@@ -138,7 +140,7 @@ def _per_sample_grads(model, x, targets):
     return {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(params)}
 
 
-def _close(actual, expected, scale, rtol=2e-5):
+def _close(actual, expected, scale, rtol=1e-4):  # the engine clips with upper bounds of the norms
     assert (actual - expected.to(actual.dtype)).norm() <= rtol * scale, float((actual - expected).norm() / scale)
 
 
@@ -156,7 +158,7 @@ def test_norms_and_clipped_step_equal_microbatching(name, seq, reduction):
     gsm = GradSampleModule(model, loss_reduction=reduction, clipping=FlatClipping(max_grad_norm))
     _loss(gsm(x), targets, reduction).backward()
 
-    torch.testing.assert_close(gsm.per_sample_norms.double(), expected_norms, rtol=1e-5, atol=1e-6)
+    assert_norm_bounds(gsm.per_sample_norms, expected_norms, atol=1e-6)
     reference = clipped_sum(expected, max_grad_norm)
     scale = float(torch.sqrt(sum(g.double().square().sum() for g in reference.values())))
     for param_name, param in model.named_parameters():
@@ -214,7 +216,7 @@ def test_tied_parameters_are_never_materialised(monkeypatch, block_uses):
     assert watch.largest >= BATCH * 6 * VOCAB  # the watch saw the backward (the logits' gradient)
     expected = _per_sample_grads(reference, tokens, targets)
     expected_norms = torch.sqrt(sum(g.flatten(1).double().square().sum(1) for g in expected.values()))
-    torch.testing.assert_close(gsm.per_sample_norms.double(), expected_norms, rtol=1e-5, atol=1e-6)
+    assert_norm_bounds(gsm.per_sample_norms, expected_norms, atol=1e-6)
 
 
 def test_hooks_mode_still_materialises_shared_parameters():
@@ -226,17 +228,25 @@ def test_hooks_mode_still_materialises_shared_parameters():
 
 
 @pytest.mark.parametrize("shapes", [(3, 1, 1, 5, 7), (2, 4, 6, 5, 7), (3, 7, 2, 9, 4)])
-def test_cross_inner_ops_equal_dense_products(shapes):
+def test_cross_inner_ops_equal_dense_products(shapes, monkeypatch):
+    """The cross-term ops are upper bounds (``fastdp.ops.rounding``) within float32 rounding of the exact value."""
     B, T1, T2, p, d = shapes
     torch.manual_seed(0)
     x1, y1, x2, y2 = torch.randn(B, T1, p), torch.randn(B, T1, d), torch.randn(B, T2, p), torch.randn(B, T2, d)
-    dense = (torch.bmm(x1.mT, y1) * torch.bmm(x2.mT, y2)).sum((1, 2))
-    torch.testing.assert_close(linear_cross_inner_ghost(x1, y1, x2, y2), dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(linear_cross_inner_direct(x1, y1, x2, y2), dense, rtol=1e-5, atol=1e-5)
+    dense = (torch.bmm(x1.double().mT, y1.double()) * torch.bmm(x2.double().mT, y2.double())).sum((1, 2))
+    for method in ("ghost", "direct"):
+        monkeypatch.setattr(linear_ops, "choose_cross_method", lambda *shape, method=method: method)
+        bound = linear_cross_inner(x1, y1, x2, y2)
+        assert (bound >= dense).all(), method
+        torch.testing.assert_close(bound, dense, rtol=1e-4, atol=1e-5)
 
     ids1, ids2 = torch.randint(0, p, (B, T1)), torch.randint(0, p, (B, T2))  # repeats likely: p is small
     onehot1, onehot2 = F.one_hot(ids1, p).float(), F.one_hot(ids2, p).float()
-    expected = (torch.bmm(onehot1.mT, y1) * torch.bmm(x2.mT, y2)).sum((1, 2))
-    torch.testing.assert_close(embedding_linear_cross_inner(ids1, y1, x2, y2), expected, rtol=1e-5, atol=1e-5)
-    expected = (torch.bmm(onehot1.mT, y1) * torch.bmm(onehot2.mT, y2)).sum((1, 2))
-    torch.testing.assert_close(embedding_cross_inner(ids1, y1, ids2, y2), expected, rtol=1e-5, atol=1e-5)
+    expected = (torch.bmm(onehot1.double().mT, y1.double()) * torch.bmm(x2.double().mT, y2.double())).sum((1, 2))
+    bound = embedding_linear_cross_inner(ids1, y1, x2, y2)
+    assert (bound >= expected).all()
+    torch.testing.assert_close(bound, expected, rtol=1e-4, atol=1e-5)
+    expected = (torch.bmm(onehot1.double().mT, y1.double()) * torch.bmm(onehot2.double().mT, y2.double())).sum((1, 2))
+    bound = embedding_cross_inner(ids1, y1, ids2, y2)
+    assert (bound >= expected).all()
+    torch.testing.assert_close(bound, expected, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ from .rules import LayerRule
 class ModuleCall:
     """One call of a routed module in a forward pass: what its rule needs in the backward."""
 
-    __slots__ = ("module", "rule", "inputs", "params", "grad_output", "batch_first")
+    __slots__ = ("module", "rule", "inputs", "params", "grad_output", "batch_first", "forward")
 
     def __init__(
         self, module: nn.Module, rule: LayerRule, inputs, params: Dict[str, nn.Parameter], batch_first: bool = False
@@ -39,6 +39,7 @@ class ModuleCall:
         self.params = params  # the trainable parameters at call time, by name
         self.grad_output: Optional[torch.Tensor] = None
         self.batch_first = batch_first  # True: inputs and grad_output are batch-first whatever the model's layout
+        self.forward = None  # the top-level forward whose samples the call's rows are (set by the engine)
 
 
 class CaptureOutputGrad(torch.autograd.Function):
@@ -52,6 +53,11 @@ class CaptureOutputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         on_grad, call = ctx.on_grad, ctx.call
+        if call is None:
+            raise RuntimeError(
+                "a second backward through one forward (retain_graph=True): each of its samples would be "
+                "clipped twice and move the step by up to 2·C; sum the losses and call backward once"
+            )
         ctx.on_grad = ctx.call = None  # the graph may outlive this backward; the activations must not
         if callable(call.inputs):  # recorded after the tensor was used (see capture_internal)
             call.inputs = call.inputs()
@@ -92,6 +98,8 @@ class _Route:
     #: ``args -> args`` applied to a capturing call's positional arguments (the engine expands index
     #: inputs shared by the whole batch, e.g. position ids ``[1, T]``, to one row per sample)
     prepare_args: Optional[Callable[[tuple], tuple]] = None
+    #: ``(call, captured tensor) -> None``, told of every new call: the engine maps its rows to samples
+    on_call: Optional[Callable[["ModuleCall", torch.Tensor], None]] = None
 
     def __init__(self, rule: LayerRule, capturing: Callable[[], bool], on_grad: Callable, original_forward: Callable):
         self.rule, self.capturing, self.on_grad, self.original_forward = rule, capturing, on_grad, original_forward
@@ -126,6 +134,8 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
         for a in positional_inputs(route.original_forward, args, kwargs)
     )
     call = ModuleCall(module, route.rule, inputs, params)
+    if route.on_call is not None:
+        route.on_call(call, output)
     return CaptureOutputGrad.apply(route.on_grad, call, output, *params.values())
 
 
@@ -163,11 +173,14 @@ def capture_internal(module: nn.Module, tensor: torch.Tensor, inputs, param_name
     else:
         inputs = _detached_inputs(inputs)
     call = ModuleCall(module, route.rule, inputs, params, batch_first=True)
+    if route.on_call is not None:
+        route.on_call(call, tensor)
     return CaptureOutputGrad.apply(route.on_grad, call, tensor, *params.values())
 
 
 def route(
-    module: nn.Module, rule: LayerRule, capturing: Callable[[], bool], on_grad: Callable, prepare_args=None
+    module: nn.Module, rule: LayerRule, capturing: Callable[[], bool], on_grad: Callable, prepare_args=None,
+    on_call=None,
 ) -> Callable[[], None]:
     """Route ``module``'s forward through the capture; returns a function that undoes it."""
     if "_fastdp_route" in module.__dict__:
@@ -175,6 +188,7 @@ def route(
     had_instance_forward = "forward" in module.__dict__
     module._fastdp_route = _Route(rule, capturing, on_grad, module.forward)
     module._fastdp_route.prepare_args = prepare_args
+    module._fastdp_route.on_call = on_call
     module.forward = types.MethodType(_routed_forward, module)
 
     def unroute():

@@ -1,8 +1,8 @@
 """Clip factors from per-sample gradient norms: how much of each sample's gradient enters the sum.
 
-Every policy guarantees ``c_i * ||g_i|| <= C`` for every sample i; samples whose
-norm is not finite get ``c_i = 0`` (the engine also zeroes their rows, since
-0 * inf is NaN).
+Every policy guarantees ``c_i * ||g_i|| <= C`` for every sample i, with ``||g_i||`` the engine's
+upper bound of the sample's contribution as computed (``fastdp.ops.rounding``); samples whose
+norm is not finite get ``c_i = 0`` (the engine also zeroes their rows, since 0 * inf is NaN).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from typing import Dict
 import torch
 
 STABILITY_EPS = 1e-6
+#: factors are computed from norms raised by this much: a factor is then rounded to float32 and
+#: multiplies once more (both within 2⁻²⁴ relative), and c·‖g‖ must still be ≤ C
+FACTOR_ROUNDING_MARGIN = 2.0**-21
 
 
 def check_max_grad_norm(value, name: str = "max_grad_norm") -> float:
@@ -37,7 +40,7 @@ class ClippingPolicy:
 
 
 def _finite_factors(bound, norms: torch.Tensor) -> torch.Tensor:
-    factors = (bound / (norms + STABILITY_EPS)).clamp(max=1.0)
+    factors = (bound / (norms * (1 + FACTOR_ROUNDING_MARGIN) + STABILITY_EPS)).clamp(max=1.0)
     return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
 
 
@@ -78,5 +81,5 @@ class AutomaticClipping(ClippingPolicy):
         self.stability = check_max_grad_norm(stability, "stability")
 
     def factors(self, norms: torch.Tensor) -> torch.Tensor:
-        factors = self.max_grad_norm / (norms + self.stability)
+        factors = self.max_grad_norm / (norms * (1 + FACTOR_ROUNDING_MARGIN) + self.stability)
         return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))

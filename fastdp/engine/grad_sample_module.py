@@ -6,18 +6,22 @@ The data flow of one DP step (see DESIGN.md), in this file's order:
    its layer rule, or the functorch fallback when it has none.
 2. forward: each routed call records its inputs; its parameters are detached, so
    autograd will not form the non-private weight gradients.
+   Each call's rows are checked to be the samples of the forward it belongs to
+   (``_register_call``); several forwards before one backward are distinct samples.
 3. backward: each call receives its output gradient (``_on_grad_output``); the
    first one queues ``_finish_backward`` to run when the backward ends.
-4. ``_finish_backward``: per-sample squared norms from each call's rule → norms →
-   clip factors (``clipping``) → each call's clipped sum, accumulated into
-   ``p.grad``; the recorded activations are freed. With per-layer clipping, a call
-   whose parameters are used once is clipped at step 3 already (``_clip_in_backward``),
-   so its activations live no longer than in a non-private backward.
+4. ``_finish_backward``: per forward, per-sample upper bounds of the squared norms from
+   each call's rule (``fastdp.ops.rounding``: every norm bounds the contribution as
+   computed) → norms → clip factors (``clipping``) → each call's clipped sum,
+   accumulated into ``p.grad``; the recorded activations are freed. With per-layer
+   clipping, a call whose parameters are used once is clipped at step 3 already
+   (``_clip_in_backward``), so its activations live no longer than in a non-private backward.
 5. The optimizer (``DPOptimizer``) adds noise once, scales and steps.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 from collections import Counter
@@ -25,12 +29,13 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..losses import check_model_loss
+from ..ops import rounding
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
-from . import rounding
-from .rules import get_rule
+from .rules import get_rule, qualified_name
 from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
 
@@ -60,6 +65,21 @@ def _add_to_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
+#: Hugging Face models compute their own loss from ``labels=``; found by class name (no import)
+HF_PRETRAINED_MODEL = "transformers.modeling_utils.PreTrainedModel"
+_FALLBACK_WARNED: set = set()  # layer types already reported as running the torch.func fallback
+
+
+class _Forward:
+    """One top-level forward of the wrapped model: its captured calls' rows are its ``batch_size`` samples.
+    Calls of different forwards are different samples, even when one backward reaches them all."""
+
+    __slots__ = ("batch_size",)
+
+    def __init__(self, batch_size: Optional[int]):
+        self.batch_size = batch_size
+
+
 class GradSampleModule(nn.Module):
     """Per-sample clipping in one backward pass.
 
@@ -70,6 +90,11 @@ class GradSampleModule(nn.Module):
     (input, offsets) form keep their exact rule). ``clipping`` is set by the optimizer; without one, a backward only
     computes ``per_sample_norms`` (and ``p.grad_sample`` in hooks/functorch mode), and
     ``accumulate_clipped_grads`` applies factors of your choice.
+
+    Samples: the batch dimension of the wrapped model's first tensor argument is the batch of a
+    forward, and every trainable layer call must keep it (its rows are that forward's samples, or
+    the call is refused). Several forwards before one backward are distinct samples, in order; in
+    hooks mode, so are several backward passes before ``zero_grad`` (``p.grad_sample`` grows).
     """
 
     def __init__(
@@ -95,14 +120,17 @@ class GradSampleModule(nn.Module):
         self.backward_passes = 0  # backward passes since the last zero_grad / optimizer step
         self.skipped_samples = 0  # samples dropped for a non-finite gradient norm
         self._calls: List[ModuleCall] = []
-        self._retained_step: Optional[_BackwardStep] = None
+        self._retained_steps: Optional[List[_BackwardStep]] = None
         self._finish_queued = False
         self._capturing = True
         self._unroutes = []
         #: a torch.amp.GradScaler whose scaled loss is backpropagated (set by make_private): norms are
         #: taken unscaled, clipped sums are left scaled for ``scaler.step``, and an overflow skips the step
         self.grad_scaler = None
-        self._forward_batch_size: Optional[int] = None  # batch size of the last forward's inputs
+        self._forward: Optional[_Forward] = None  # the latest forward: new calls belong to it
+        #: id(module) → the forwards in which it ran without grad (reentrant checkpointing recomputes those
+        #: calls inside the backward, where they must be attributed to their own forward's samples)
+        self._recompute_owners: Dict[int, collections.deque] = {}
         #: id(p) → how many captured calls used p since the last backward ended (per-layer clipping inside
         #: the backward needs each of a call's parameters used exactly once)
         self._forward_uses: Counter = Counter()
@@ -112,13 +140,18 @@ class GradSampleModule(nn.Module):
         #: whole DP step on fixed-shape (padded, masked) batches can be captured; non-finite samples are
         #: still dropped, but without a warning and without counting them in ``skipped_samples``
         self.sync_free = False
+        self._names: Dict[int, str] = {}  # id(submodule) -> its name in the model, for error messages
         force_functorch = force_functorch or self.mode == "functorch"
         for name, sub in m.named_modules():
+            self._names[id(sub)] = name or "model"
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                 raise ValueError(
                     f"{name or 'model'} ({type(sub).__name__}) mixes the samples of a batch, so per-sample "
                     "clipping cannot bound them; use fastdp.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
                 )
+            if any(qualified_name(cls) == HF_PRETRAINED_MODEL for cls in type(sub).__mro__):
+                hook = sub.register_forward_hook(self._check_model_loss, with_kwargs=True)
+                self._unroutes.append(hook.remove)
             params = list(sub.parameters(recurse=False))
             if not params:
                 continue
@@ -139,36 +172,85 @@ class GradSampleModule(nn.Module):
                         f"no fastdp rule for {name} ({type(sub).__name__}); register one with "
                         "fastdp.register_grad_sampler(...) or pass strict=False for the functorch fallback"
                     )
+                if any(p.requires_grad for p in params) and type(sub) not in _FALLBACK_WARNED:
+                    _FALLBACK_WARNED.add(type(sub))
+                    warnings.warn(
+                        f"no fastdp rule for {type(sub).__name__} ({name}): its per-sample gradients come from the "
+                        "torch.func fallback (exact, but slower and materialised); register a rule "
+                        "(fastdp.register_grad_sampler / register_rule), or pass strict=True to refuse",
+                        UserWarning, stacklevel=2,
+                    )
                 rule = FUNCTORCH_RULE
             if any(p.requires_grad for p in params):
                 rule.check(sub)
             self._unroutes.append(
                 route(
                     sub, rule, functools.partial(self._is_capturing_call_of, sub), self._on_grad_output,
-                    self._expand_shared_indices,
+                    self._expand_shared_indices, self._register_call,
                 )
             )
         for name, param in m.named_parameters():
             if param.requires_grad:  # routing means autograd never reaches a parameter; if it does, refuse
-                self._unroutes.append(param.register_hook(functools.partial(_reject_direct_gradient, name)).remove)
+                self._unroutes.append(param.register_hook(functools.partial(self._reject_direct_gradient, name)).remove)
 
     # -- plumbing -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        self._forward_batch_size = _batch_size_of(args, kwargs, self.batch_first)
         self._inference_forward = not torch.is_grad_enabled()  # nothing in it reaches a backward
+        if not self._inference_forward:
+            self._forward = _Forward(_batch_size_of(args, kwargs, self.batch_first))
         try:
-            output = self._module(*args, **kwargs)
+            return self._module(*args, **kwargs)
         finally:
             self._inference_forward = False
-        if kwargs.get("labels") is not None and getattr(output, "loss", None) is not None:
-            check_model_loss(kwargs, self.loss_reduction)  # a Hugging Face model computed its own loss
-        return output
+
+    def _check_model_loss(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook of every Hugging Face model in the tree: a loss it computed from ``labels=``
+        must not couple samples (``fastdp.losses.check_model_loss``)."""
+        if kwargs.get("labels") is not None and getattr(output, "loss", None) is not None and torch.is_grad_enabled():
+            check_model_loss(kwargs, self.loss_reduction)
+
+    def _register_call(self, call: ModuleCall, captured: torch.Tensor) -> None:
+        """Map a new call's rows to the samples of the current forward, or refuse it: rows that are not
+        samples (a layer run on the tokens of the whole batch flattened, on inputs shared by the batch and
+        broadcast after it, or on parameters alone) would be clipped one by one and bound no sample."""
+        forward = self._forward
+        if torch._C._current_autograd_node() is not None:  # recomputed inside the backward (checkpointing)
+            owners = self._recompute_owners.get(id(call.module))
+            if not owners:  # non-reentrant checkpointing: its recomputed graph is never backpropagated
+                return
+            forward = owners.popleft()
+        if forward is None:  # a submodule called outside this module's forward: a batch of its own
+            forward = self._forward = _Forward(None)
+        dim = 0 if self.batch_first or call.batch_first else 1
+        rows = captured.shape[dim] if captured.dim() > dim else None
+        name = f"{self._names.get(id(call.module), 'a layer')} ({type(call.module).__name__})"
+        fix = (
+            "keep the batch dimension through every trainable layer (for inputs shared by the batch, index "
+            "them per sample, e.g. emb(ids.expand(B, -1)), rather than broadcasting the layer's output), "
+            "freeze the layer (requires_grad=False), or register a rule that maps its rows to samples"
+        )
+        if not call.batch_first and not any(isinstance(x, torch.Tensor) for x in call.inputs):
+            raise ValueError(
+                f"{name} computes a trainable tensor from its parameters alone (no input rows, e.g. a "
+                "parametrization such as weight_norm), so no sample's share of its gradient can be told apart; "
+                "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) or " + fix
+            )
+        if forward.batch_size is None:
+            forward.batch_size = rows
+        elif rows != forward.batch_size:
+            which = "first" if dim == 0 else "second (batch_first=False)"
+            raise ValueError(
+                f"{name} was called on a tensor whose {which} dimension is {rows}, but the batch has "
+                f"{forward.batch_size} samples (the model's first tensor argument): its rows are not samples, "
+                f"and clipping them would bound no sample's contribution; {fix}"
+            )
+        call.forward = forward
 
     def _expand_shared_indices(self, args: tuple) -> tuple:
         """Index inputs ``[1, T, ...]`` shared by a batch of B > 1 (position ids that the model
         broadcasts over the batch) become ``[B, T, ...]``: the output is the same after broadcasting,
         and each sample's part of the gradient stays its own instead of being summed over the batch."""
-        batch = self._forward_batch_size
+        batch = None if self._forward is None else self._forward.batch_size
         dim = 0 if self.batch_first else 1
         if not args or batch is None or batch <= 1:
             return args
@@ -196,11 +278,16 @@ class GradSampleModule(nn.Module):
         super().zero_grad(set_to_none=set_to_none)
         for p in self.parameters():
             p.grad_sample = None
-        self._retained_step = None
+        self._retained_steps = None
         self.backward_passes = 0
 
     def _is_capturing(self) -> bool:
         return self._capturing
+
+    def _reject_direct_gradient(self, name: str, grad: Optional[torch.Tensor]):
+        """A parameter's autograd gradient is non-private while the engine captures; when it does not
+        (``fastdp.check_sample_independence``'s plain copy), it is just autograd."""
+        return _reject_direct_gradient(name, grad) if self._capturing else None
 
     def _is_capturing_call_of(self, module: nn.Module) -> bool:
         """Asked by every call of a routed module with trainable parameters: counts their uses.
@@ -209,6 +296,8 @@ class GradSampleModule(nn.Module):
         checkpointing runs it again, with grad, in the middle of the backward."""
         if self._capturing and not self._inference_forward:
             weight = 1 if torch.is_grad_enabled() else 2
+            if weight == 2:
+                self._recompute_owners.setdefault(id(module), collections.deque()).append(self._forward)
             for param in module.parameters(recurse=False):
                 if param.requires_grad:
                     self._forward_uses[id(param)] += weight
@@ -216,6 +305,11 @@ class GradSampleModule(nn.Module):
 
     # -- backward ---------------------------------------------------------------------------
     def _on_grad_output(self, call: ModuleCall, grad_output: torch.Tensor) -> None:
+        if call.forward is None:
+            raise RuntimeError(
+                f"{type(call.module).__name__}, recomputed inside the backward, received a gradient whose rows fastdp "
+                "cannot attribute to a forward's samples; please report this (use_reentrant=True checkpointing works)"
+            )
         call.grad_output = grad_output.detach()
         if self._early is not None and any(id(p) in self._early.params for p in call.params.values()):
             raise RuntimeError(
@@ -241,6 +335,7 @@ class GradSampleModule(nn.Module):
             node.register_hook(lambda grad_inputs, grad_outputs: self._queue_finish())
             return
         self._finish_queued = False
+        self._recompute_owners.clear()
         calls, self._calls = self._calls, []
         early, self._early = self._early, None
         self._forward_uses.clear()
@@ -273,10 +368,9 @@ class GradSampleModule(nn.Module):
             )
             early = self._early
             if early is None:
-                early = self._early = _EarlyClipping(step.batch_size, step.device)
-            _check_batch_sizes({early.batch_size, step.batch_size})
+                early = self._early = _EarlyClipping()
             norm_sq = step.total_norm_sq()
-            early.norm_sq += norm_sq
+            early.add(call.forward, norm_sq)
             early.params.update(id(p) for p in call.params.values())
             # A sample with a non-finite norm here is left out of this call's clipped sums (each parameter
             # clips alone, so the others still bound it); the end of the backward counts it once.
@@ -288,7 +382,7 @@ class GradSampleModule(nn.Module):
                     return
             elif self.sync_free or _capturing_cuda_graph(bad) or bad.any():
                 step.drop_samples(bad)
-            step.accumulate_clipped(self.clipping.factors_by_param(step.norm_sq, norm_sq.sqrt()))
+            step.accumulate_clipped(self.clipping.factors_by_param(step.norm_sq, step.norms()))
         finally:
             self._capturing = True
             call.inputs = call.grad_output = None  # the activations go now, not at the end of the backward
@@ -301,37 +395,62 @@ class GradSampleModule(nn.Module):
             call.grad_output = call.grad_output.movedim(1, 0)
 
     def _process(self, calls: List[ModuleCall], early: Optional["_EarlyClipping"] = None) -> None:
-        """The end of a backward: every call not clipped inside it (``early``: what those left)."""
-        if not calls:  # every call was clipped inside the backward: count its non-finite samples
-            self.per_sample_norms = early.norm_sq.sqrt()
+        """The end of a backward: every call not clipped inside it (``early``: what those left), one
+        ``_BackwardStep`` per forward; the per-sample norms are those of every forward's samples in turn."""
+        for call in calls:
+            self._batch_first(call)
+        mean = self.loss_reduction == "mean"
+        by_forward: Dict[_Forward, List[ModuleCall]] = {}
+        for call in calls:
+            by_forward.setdefault(call.forward, []).append(call)
+        forwards = list(by_forward)
+        if early is not None:
+            forwards += [forward for forward in early.norm_sq if forward not in by_forward]
+        steps = [
+            _BackwardStep(by_forward[f], materialise_all=self.mode != "bk", mean=mean, loss_scale=self._loss_scale())
+            for f in forwards if f in by_forward
+        ]
+        totals = {step.forward: step.total_norm_sq() for step in steps}
+        if early is not None:  # samples non-finite in a layer clipped early are left out at the end too
+            for forward, norm_sq in early.norm_sq.items():
+                totals[forward] = totals[forward] + norm_sq if forward in totals else norm_sq
+        norms = {forward: total.sqrt() for forward, total in totals.items()}
+        self.per_sample_norms = rounding.round_up_float32(torch.cat([norms[f] for f in forwards]))
+        if self.mode != "bk":
+            self._record_grad_samples(steps)
+        if not steps:  # every call was clipped inside the backward: count its non-finite samples
             if not early.overflow:
                 self._count_skipped(~torch.isfinite(self.per_sample_norms))
             return
-        for call in calls:
-            self._batch_first(call)
-        step = _BackwardStep(
-            calls, materialise_all=self.mode != "bk", mean=self.loss_reduction == "mean", loss_scale=self._loss_scale()
-        )
-        total = step.total_norm_sq()
-        if early is not None:
-            _check_batch_sizes({early.batch_size, step.batch_size})
-            total += early.norm_sq  # samples non-finite in a layer clipped early are left out here too
-        self.per_sample_norms = total.sqrt()
-        if self.mode != "bk":
-            for param, grads in step.materialised.values():
-                previous = getattr(param, "grad_sample", None)
-                param.grad_sample = grads if previous is None else previous + grads
+        starts = dict(zip(forwards, _starts([norms[f].numel() for f in forwards])))
+        for step in steps:
+            step.first_row = starts[step.forward]  # where its samples lie in per_sample_norms
         if self.clipping is None:
-            self._retained_step = step
+            self._retained_steps = steps
             return
-        self._accumulate(step, self.clipping.factors_by_param(step.norm_sq, self.per_sample_norms))
+        self._accumulate(steps, [self.clipping.factors_by_param(step.norm_sq, norms[step.forward]) for step in steps])
+
+    def _record_grad_samples(self, steps: List["_BackwardStep"]) -> None:
+        """``p.grad_sample``: the per-sample gradients of every forward's samples in turn (zero rows where a
+        forward did not use p), appended to those of earlier backward passes (new rows are new samples)."""
+        params = {key: param for step in steps for key, (param, _) in step.materialised.items()}
+        for key, param in params.items():
+            parts = [
+                step.materialised[key][1] if key in step.materialised
+                else torch.zeros((step.batch_size, *param.shape), dtype=param.dtype, device=param.device)
+                for step in steps
+            ]
+            previous = getattr(param, "grad_sample", None)
+            param.grad_sample = torch.cat(([previous] if previous is not None else []) + parts)
 
     def accumulate_clipped_grads(self, clip_factors: torch.Tensor) -> None:
-        """Add ``sum_i c_i g_i`` to ``p.grad`` for the last backward (only when no ``clipping`` is set)."""
-        if self._retained_step is None:
+        """Add ``sum_i c_i g_i`` to ``p.grad`` for the last backward (only when no ``clipping`` is set);
+        ``clip_factors`` has one entry per row of ``per_sample_norms``."""
+        if self._retained_steps is None:
             raise ValueError("no backward to clip: call loss.backward() first (with no clipping policy set)")
-        step, self._retained_step = self._retained_step, None
-        self._accumulate(step, {key: clip_factors for key in step.norm_sq})
+        steps, self._retained_steps = self._retained_steps, None
+        rows = [clip_factors[step.first_row : step.first_row + step.batch_size] for step in steps]
+        self._accumulate(steps, [{key: part for key in step.norm_sq} for step, part in zip(steps, rows)])
 
     def _loss_scale(self):
         """The GradScaler's current scale S (a tensor), or None when no scaler is attached/enabled."""
@@ -343,18 +462,19 @@ class GradSampleModule(nn.Module):
             raise ValueError("grad_scaler has no scale yet: backpropagate grad_scaler.scale(loss), not loss")
         return scale
 
-    def _accumulate(self, step: "_BackwardStep", factors: Dict[int, torch.Tensor]) -> None:
+    def _accumulate(self, steps: List["_BackwardStep"], factors: List[Dict[int, torch.Tensor]]) -> None:
         bad = ~torch.isfinite(self.per_sample_norms)
         if self._loss_scale() is not None and bad.any():
             # fp16 overflow under a GradScaler: the scaler must see it (inf grads) to skip the step and
             # lower its scale; the optimizer step, and so the accountant, then never runs.
-            step.mark_overflow()
+            for step in steps:
+                step.mark_overflow()
             return
-        if self.sync_free or _capturing_cuda_graph(bad):
-            step.drop_samples(bad)  # branch-free, no host sync: zeroes nothing when every norm is finite
-        elif self._count_skipped(bad):
-            step.drop_samples(bad)
-        step.accumulate_clipped(factors)
+        drop = self.sync_free or _capturing_cuda_graph(bad) or self._count_skipped(bad)
+        for step, step_factors in zip(steps, factors):
+            if drop:  # branch-free when sync-free: zeroes nothing when every norm is finite
+                step.drop_samples(bad[step.first_row : step.first_row + step.batch_size])
+            step.accumulate_clipped(step_factors)
 
     def _count_skipped(self, bad: torch.Tensor) -> bool:
         """Count and report the samples with a non-finite norm (a host sync, skipped when sync-free)."""
@@ -372,18 +492,21 @@ class GradSampleModule(nn.Module):
 
 class _EarlyClipping:
     """What the calls clipped inside one backward (per-layer clipping) leave for its end: their
-    per-sample squared norms (for ``per_sample_norms`` and the count of non-finite samples), their
-    parameters (which no later call of this backward may use), and whether a GradScaler overflowed."""
+    per-sample squared norms per forward (for ``per_sample_norms`` and the count of non-finite samples),
+    their parameters (which no later call of this backward may use), and whether a GradScaler overflowed."""
 
-    def __init__(self, batch_size: int, device: torch.device):
-        self.batch_size = batch_size
-        self.norm_sq = torch.zeros(batch_size, dtype=torch.float32, device=device)
+    def __init__(self):
+        self.norm_sq: Dict[_Forward, torch.Tensor] = {}  # float64 [B] per forward
         self.params: set = set()
         self.overflow = False
 
+    def add(self, forward: _Forward, norm_sq: torch.Tensor) -> None:
+        self.norm_sq[forward] = self.norm_sq[forward] + norm_sq if forward in self.norm_sq else norm_sq
+
 
 class _BackwardStep:
-    """One backward's calls: those whose rules give norms and clipped sums, and materialised parameters.
+    """One forward's calls in one backward: those whose rules give norms and clipped sums, and
+    materialised parameters.
 
     A parameter used by several calls (weight tying, a module called twice) has the sum over its
     uses as per-sample gradient, whose norm is not the sum of the parts' norms:
@@ -394,12 +517,17 @@ class _BackwardStep:
     parameter's per-sample gradients are materialised and summed (exact; no use is ever dropped).
     In "hooks" and "functorch" modes every parameter is materialised, and in any mode where the
     rule finds that cheaper for a parameter used once (``LayerRule.prefers_grad_sample``).
+
+    Every squared norm is an upper bound (``fastdp.ops.rounding``), kept in float64 while the parts
+    (uses, cross terms, rounding slack of the clipped sums) are combined.
     """
 
     def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool, loss_scale=None):
         batch_sizes = {call.grad_output.shape[0] for call in calls}
         _check_batch_sizes(batch_sizes)
         self.batch_size = batch_sizes.pop()
+        self.forward = calls[0].forward
+        self.first_row = 0  # where this forward's samples start among all of the backward's (``_process``)
         # With a mean loss each output gradient carries 1/B; per-sample gradients are B times it.
         self.scale = float(self.batch_size) if mean else 1.0
         # A GradScaler's S multiplies every output gradient: norms are divided by it, clipped sums keep it.
@@ -421,40 +549,42 @@ class _BackwardStep:
         self.norm_sq = self._norm_sq_by_param(cross_factors)
 
     def total_norm_sq(self) -> torch.Tensor:
-        """Each sample's squared norm over all of this step's parameters, float32 [B]."""
-        total = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
+        """Each sample's squared norm over all of this step's parameters, float64 [B] (an upper bound)."""
+        total = torch.zeros(self.batch_size, dtype=torch.float64, device=self.device)
         for norm_sq in self.norm_sq.values():
             total += norm_sq
         return total
 
+    def norms(self) -> torch.Tensor:
+        return self.total_norm_sq().sqrt()
+
     def _norm_sq_by_param(self, cross_factors: Dict[int, list]) -> Dict[int, torch.Tensor]:
-        """id(p) → each sample's squared gradient norm for p, ``[B]`` float32; ``cross_factors`` (id(p) →
-        the outer factors of each use of a shared parameter) add the cross terms of the uses."""
+        """id(p) → an upper bound of each sample's squared gradient norm for p, float64 ``[B]``: the
+        rules' bounds, plus the cross terms of a shared parameter's uses (``cross_factors``: id(p) → the
+        outer factors of each use), raised by the clipped sums' rounding slack (``‖G_i‖ + s_i``)."""
         norm_sq, slack = {}, {}
         for call in self.rule_calls:
             with rounding.ieee_fp32():
                 call_norm_sq = call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output)
             for name, value in call_norm_sq.items():
                 key = id(call.params[name])
-                value = value * self.scale**2
+                value = value.double() * self.scale**2
                 norm_sq[key] = norm_sq[key] + value if key in norm_sq else value
             for name, value in call.rule.rounding_slack(call.module, call.inputs, call.grad_output).items():
                 key = id(call.params[name])
-                value = value * self.scale
+                value = value.double() * self.scale
                 slack[key] = slack[key] + value if key in slack else value
         for key, uses in cross_factors.items():
-            with rounding.ieee_fp32():
-                cross = sum(
-                    outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
-                )
-            # ||sum of uses||² >= 0; rounding may take a cancelling sum below 0 (clamp keeps NaN as NaN)
-            norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross).clamp(min=0).float()
+            cross = sum(  # upper bounds of the uses' inner products: the total stays an upper bound
+                outer_inner_product(uses[u], uses[v]) for u in range(len(uses)) for v in range(u + 1, len(uses))
+            )
+            norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross.double()).clamp(min=0)  # NaN stays NaN
         for key, (_, grads) in self.materialised.items():
-            norm_sq[key] = grads.flatten(1).float().square().sum(1)
-        for key, value in slack.items():  # clip what is computed: ‖G_i‖ + its rounding bound (engine/rounding.py)
+            norm_sq[key] = rounding.norm_sq_upper(grads).double()
+        for key, value in slack.items():  # clip what is computed: ‖G_i‖ + its rounding bound
             norm_sq[key] = (norm_sq[key].sqrt() + value).square()
         if self.loss_scale is not None:
-            norm_sq = {key: value / self.loss_scale.float().square() for key, value in norm_sq.items()}
+            norm_sq = {key: value / self.loss_scale.double().square() for key, value in norm_sq.items()}
         return norm_sq
 
     def mark_overflow(self) -> None:
@@ -523,6 +653,15 @@ def _split_calls(calls: List[ModuleCall], materialise_all: bool):
     return materialised, cross_factors
 
 
+def _starts(sizes: List[int]) -> List[int]:
+    """The first index of each of consecutive blocks of the given sizes."""
+    starts, start = [], 0
+    for size in sizes:
+        starts.append(start)
+        start += size
+    return starts
+
+
 def _check_batch_sizes(batch_sizes: set) -> None:
     if len(batch_sizes) != 1:
         raise ValueError(
@@ -551,9 +690,11 @@ def _reject_direct_gradient(name: str, grad: Optional[torch.Tensor]):
 
 
 def _batch_size_of(args: tuple, kwargs: dict, batch_first: bool) -> Optional[int]:
-    """The batch size of a forward's first tensor argument (positional first, then keyword)."""
+    """The batch size of a forward's first tensor argument (positional first, then keyword), or None."""
     dim = 0 if batch_first else 1
     for value in (*args, *kwargs.values()):
+        if isinstance(value, PackedSequence):
+            return int(value.batch_sizes[0]) if value.batch_sizes.numel() else 0
         if isinstance(value, torch.Tensor) and value.dim() > dim:
             return value.shape[dim]
     return None

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import op
+from . import op, rounding
 from .linear import batch_chunks, linear_weight_norm_sq
 
 
@@ -57,14 +57,15 @@ def _grouped_sequence_view(x, g, kernel_size, stride, dilation, groups):
 
 @op("conv_weight_norm_sq")
 def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Per-sample squared weight-gradient norms, float32 [B] (sum over groups), a chunk of samples at a time."""
+    """Upper bounds of the per-sample squared weight-gradient norms, float32 [B] (sum over groups of the
+    linear ops' bounds), a chunk of samples at a time."""
     batch = x.shape[0]
     patch_numel = math.prod(g.shape[2:]) * x.shape[1] * math.prod(kernel_size)
-    out = torch.empty(batch, dtype=torch.float32, device=x.device)
+    out = torch.empty(batch, dtype=torch.float64, device=x.device)
     for rows in batch_chunks(batch, patch_numel):
         a, g_rows = _grouped_sequence_view(x[rows], g[rows], kernel_size, stride, dilation, groups)
-        out[rows] = linear_weight_norm_sq(a, g_rows).view(-1, groups).sum(1)
-    return out
+        out[rows] = linear_weight_norm_sq(a, g_rows).double().view(-1, groups).sum(1)
+    return rounding.finish_norm_sq(out, torch.float32)
 
 
 @op("conv_weight_clipped_grad")

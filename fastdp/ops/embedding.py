@@ -18,12 +18,40 @@ from __future__ import annotations
 
 import torch
 
-from . import op
+from . import op, rounding
 from .linear import batch_chunks
 
 
-def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(tensor.dtype, torch.float32)
+def token_mass(sample_of_token: torch.Tensor, token_grads: torch.Tensor, batch_size: int, ids=None, padding_idx=-1):
+    """Per sample: an upper bound of its term mass ``Σ_t ‖g_t‖`` (a lookup's one-hot input has norm 1)
+    over the tokens that reach the weight (not those of ``padding_idx``), and its number of tokens,
+    both float64 [batch_size] (``fastdp.ops.rounding``)."""
+    norms = rounding.row_norms_upper(token_grads, dim=1).double()
+    if padding_idx >= 0:
+        norms = norms.masked_fill(ids == padding_idx, 0)
+    mass = norms.new_zeros(batch_size).index_add_(0, sample_of_token, norms)
+    counts = norms.new_zeros(batch_size).index_add_(0, sample_of_token, torch.ones_like(norms))
+    unit = rounding.UNIT_ROUNDOFF[torch.float64]
+    return mass * (1 + counts * unit / (1 - counts * unit)), counts
+
+
+def segment_sum_error(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """γ_n per sample for sums of at most ``counts`` tokens (plus a few tree levels) in ``dtype``."""
+    nu = (counts + 8) * rounding.UNIT_ROUNDOFF[dtype]
+    return nu / (1 - nu)
+
+
+def embedding_norm_sq_upper(
+    value: torch.Tensor, ids: torch.Tensor, sample_of_token: torch.Tensor, token_grads: torch.Tensor, batch_size: int,
+    padding_idx: int, dtype: torch.dtype, square_sum_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Bound the exact per-sample ``‖G_i‖²`` from ``value`` (float64), the computed sum of the squared
+    segment sums: each segment sum (in ``dtype``) is within γ_count Σ|g_t| of exact, and the squares,
+    summed in ``square_sum_dtype``, within γ(dim + tokens) relative. Float32 [B], rounded up."""
+    mass, counts = token_mass(sample_of_token, token_grads, batch_size, ids, padding_idx)
+    value = value * (1 + segment_sum_error(counts + token_grads.shape[1], square_sum_dtype))
+    upper = rounding.direct_norm_sq_upper(value, mass, segment_sum_error(counts, dtype), 0.0)
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def key_segments(keys: torch.Tensor):
@@ -47,6 +75,16 @@ def key_segments(keys: torch.Tensor):
     return order, segment, offsets, segment_keys
 
 
+def sample_row_sums(ids: torch.Tensor, sample_of_token: torch.Tensor, token_grads: torch.Tensor, num_embeddings: int):
+    """Each sample's nonzero gradient rows: the sums of its tokens' grads per id, ``[N, dim]`` in float32
+    (float64 for float64; rows past the distinct (sample, id) pairs are 0), and each row's key
+    ``sample · num_embeddings + id`` ``[N]`` (``key_segments``)."""
+    order, segment, _, segment_keys = key_segments(sample_of_token * num_embeddings + ids)
+    dtype = rounding.accumulation_dtype(token_grads)
+    row_grads = token_grads.new_zeros((ids.numel(), token_grads.shape[1]), dtype=dtype)
+    return row_grads.index_add_(0, segment, token_grads[order].to(dtype)), segment_keys
+
+
 @op("embedding_norm_sq")
 def embedding_norm_sq(
     ids: torch.Tensor,
@@ -56,16 +94,15 @@ def embedding_norm_sq(
     num_embeddings: int,
     padding_idx: int,
 ) -> torch.Tensor:
-    """Each sample's squared weight-gradient norm, ``[batch_size]``."""
-    order, segment, _, segment_keys = key_segments(sample_of_token * num_embeddings + ids)
-    dtype = _accumulation_dtype(token_grads)
-    row_grads = token_grads.new_zeros((ids.numel(), token_grads.shape[1]), dtype=dtype)
-    row_grads.index_add_(0, segment, token_grads[order].to(dtype))
-    row_norm_sq = row_grads.pow(2).sum(1)  # empty segments: 0
+    """An upper bound of each sample's squared weight-gradient norm, float32 ``[batch_size]``
+    (``embedding_norm_sq_upper``: cancelling tokens of one row cannot hide in rounding)."""
+    row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
+    row_norm_sq = row_grads.double().pow(2).sum(1)  # empty segments: 0
     if padding_idx >= 0:
         row_norm_sq.masked_fill_(segment_keys % num_embeddings == padding_idx, 0)
-    norm_sq = torch.zeros(batch_size, dtype=dtype, device=token_grads.device)
-    return norm_sq.index_add_(0, segment_keys // num_embeddings, row_norm_sq).float()
+    value = torch.zeros(batch_size, dtype=torch.float64, device=token_grads.device)
+    value.index_add_(0, segment_keys // num_embeddings, row_norm_sq)
+    return embedding_norm_sq_upper(value, ids, sample_of_token, token_grads, batch_size, padding_idx, row_grads.dtype)
 
 
 @op("embedding_clipped_grad")
@@ -77,11 +114,15 @@ def embedding_clipped_grad(
     num_embeddings: int,
     padding_idx: int,
 ) -> torch.Tensor:
-    """``sum_i clip_factors[i] * grad_i`` as a dense ``[num_embeddings, dim]`` weight gradient."""
-    dtype = _accumulation_dtype(token_grads)
-    scaled = token_grads.to(dtype) * clip_factors.to(dtype)[sample_of_token].unsqueeze(1)
-    grad = token_grads.new_zeros((num_embeddings, token_grads.shape[1]), dtype=dtype)
-    grad.index_add_(0, ids, scaled)
+    """``sum_i clip_factors[i] * grad_i`` as a dense ``[num_embeddings, dim]`` weight gradient.
+
+    Each sample's tokens are summed per row first, so the sum over samples adds one term per
+    sample and row: whatever order a device's scatter-add takes, one sample's cancelling tokens
+    are never interleaved with other samples' (the clipped-sum slack of ``fastdp.ops.rounding``)."""
+    row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
+    row_grads *= clip_factors.to(row_grads.dtype)[segment_keys // num_embeddings].unsqueeze(1)
+    grad = token_grads.new_zeros((num_embeddings, token_grads.shape[1]), dtype=row_grads.dtype)
+    grad.index_add_(0, segment_keys % num_embeddings, row_grads)
     if padding_idx >= 0:
         grad[padding_idx] = 0
     return grad
@@ -97,7 +138,7 @@ def embedding_grad_sample(
     padding_idx: int,
 ) -> torch.Tensor:
     """Materialised per-sample weight gradients ``[batch_size, num_embeddings, dim]``."""
-    dtype = _accumulation_dtype(token_grads)
+    dtype = rounding.accumulation_dtype(token_grads)
     dim = token_grads.shape[1]
     grads = token_grads.new_zeros((batch_size * num_embeddings, dim), dtype=dtype)
     grads.index_add_(0, sample_of_token * num_embeddings + ids, token_grads.to(dtype))
@@ -115,33 +156,41 @@ def embedding_grad_sample(
 # A gather and a batched GEMM: plain functions, not dispatched ops (see the linear cross terms).
 
 
+def _cross_upper(pairs, y1: torch.Tensor, y2: torch.Tensor, mass_1: torch.Tensor, mass_2: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of ``Σ_{t,s} pairs(rows)[s, t] · (y2_s · y1_t)`` per sample, float64 [B]: ``pairs`` gives the
+    exact first factor (a gather or a token-equality test) for a chunk of samples, [chunk, T2, T1]."""
+    B, T1 = y1.shape[:2]
+    T2 = y2.shape[1]
+    dtype = rounding.accumulation_dtype(y1, y2)
+    value = torch.empty(B, dtype=torch.float64, device=y1.device)
+    with rounding.ieee_fp32():
+        for rows in batch_chunks(B, 6 * T1 * T2):
+            y_gram = rounding.chunked_bmm(y2[rows], y1[rows].mT, dtype)
+            value[rows] = (pairs(rows).double() * y_gram.double()).sum((1, 2))
+    error = (1 + rounding.chunked_dot_error(y1.shape[-1], dtype)) * (
+        1 + rounding.gamma(T1 * T2, rounding.UNIT_ROUNDOFF[torch.float64])
+    ) - 1
+    return rounding.cross_inner_upper(value, mass_1, mass_2, error)
+
+
 def embedding_linear_cross_inner(
     ids: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor
 ) -> torch.Tensor:
-    """Per-sample <sum_t onehot(ids_t) ⊗ y1_t, sum_s x2_s ⊗ y2_s> for ids: [B, T1] (int), y1: [B, T1, d],
-    x2: [B, T2, V], y2: [B, T2, d]: [B] in float32 (float64 for float64)."""
-    B, T1 = ids.shape
+    """An upper bound of the per-sample <sum_t onehot(ids_t) ⊗ y1_t, sum_s x2_s ⊗ y2_s> for ids: [B, T1] (int),
+    y1: [B, T1, d], x2: [B, T2, V], y2: [B, T2, d]: float64 [B]."""
     T2 = x2.shape[1]
-    dtype = torch.promote_types(torch.promote_types(y1.dtype, y2.dtype), torch.promote_types(x2.dtype, torch.float32))
-    out = torch.empty(B, dtype=dtype, device=y1.device)
-    for rows in batch_chunks(B, 3 * T1 * T2):
-        # x2[i, s, ids[i, t]] for every (s, t): [chunk, T2, T1]
-        index = ids[rows].long().unsqueeze(1).expand(-1, T2, -1)
-        x_gram = torch.gather(x2[rows], 2, index).to(dtype)
-        y_gram = torch.bmm(y2[rows].to(dtype), y1[rows].to(dtype).mT)
-        out[rows] = (x_gram * y_gram).sum((1, 2))
-    return out
+
+    def gathered(rows):  # x2[i, s, ids[i, t]] for every (s, t): [chunk, T2, T1], exact
+        return torch.gather(x2[rows], 2, ids[rows].long().unsqueeze(1).expand(-1, T2, -1))
+
+    return _cross_upper(gathered, y1, y2, rounding.bias_term_mass(y1), rounding.term_mass(x2, y2))
 
 
 def embedding_cross_inner(ids1: torch.Tensor, y1: torch.Tensor, ids2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """Per-sample <sum_t onehot(ids1_t) ⊗ y1_t, sum_s onehot(ids2_s) ⊗ y2_s> (two lookups of one table):
-    sum over token pairs with equal ids of y1_t · y2_s, [B]."""
-    B, T1 = ids1.shape
-    T2 = ids2.shape[1]
-    dtype = torch.promote_types(torch.promote_types(y1.dtype, y2.dtype), torch.float32)
-    out = torch.empty(B, dtype=dtype, device=y1.device)
-    for rows in batch_chunks(B, 3 * T1 * T2):
-        same = ids1[rows].unsqueeze(2) == ids2[rows].unsqueeze(1)  # [chunk, T1, T2]
-        y_gram = torch.bmm(y1[rows].to(dtype), y2[rows].to(dtype).mT)
-        out[rows] = (y_gram * same).sum((1, 2))
-    return out
+    """An upper bound of the per-sample <sum_t onehot(ids1_t) ⊗ y1_t, sum_s onehot(ids2_s) ⊗ y2_s> (two lookups
+    of one table): the sum over token pairs with equal ids of y1_t · y2_s, float64 [B]."""
+
+    def same(rows):  # [chunk, T2, T1]
+        return ids2[rows].unsqueeze(2) == ids1[rows].unsqueeze(1)
+
+    return _cross_upper(same, y1, y2, rounding.bias_term_mass(y1), rounding.bias_term_mass(y2))

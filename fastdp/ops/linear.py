@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import op
+from . import op, rounding
 
 #: scratch elements one chunk of a torch reference may allocate; bounds the memory of
 #: per-sample Gram matrices, per-sample gradients and conv patches to ~64 MiB (fp32).
@@ -49,30 +49,41 @@ def materialising_is_cheaper(T: int, d: int, p: int) -> bool:
 
 @op("linear_norm_sq_ghost")
 def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||g_iᵀ a_i||²_F as <a_i a_iᵀ, g_i g_iᵀ>: T×T Grams instead of the p×d gradient."""
+    """An upper bound of ||g_iᵀ a_i||²_F from <a_i a_iᵀ, g_i g_iᵀ> (T×T Grams instead of the p×d
+    gradient) plus the Grams' rounding bound (``rounding.ghost_norm_sq_upper``): float32 [B]."""
     B, T, d = a.shape
     p = g.shape[-1]
-    if T == 1:
-        return a.float().square().sum((1, 2)) * g.float().square().sum((1, 2))
-    out = torch.empty(B, dtype=torch.float32, device=a.device)
-    for rows in batch_chunks(B, T * (d + p) + 2 * T * T):
-        a_chunk, g_chunk = a[rows].float(), g[rows].float()
-        a_gram = torch.bmm(a_chunk, a_chunk.mT)
-        g_gram = torch.bmm(g_chunk, g_chunk.mT)
-        out[rows] = (a_gram * g_gram).sum((1, 2))
-    return out
+    dtype = rounding.accumulation_dtype(a, g)
+    value = torch.empty(B, dtype=torch.float64, device=a.device)
+    with rounding.ieee_fp32():
+        for rows in batch_chunks(B, T * (d + p) + 8 * T * T):
+            a_gram = rounding.chunked_bmm(a[rows], a[rows].mT, dtype)
+            g_gram = rounding.chunked_bmm(g[rows], g[rows].mT, dtype)
+            value[rows] = (a_gram.double() * g_gram.double()).sum((1, 2))  # float64: exact products
+    upper = rounding.ghost_norm_sq_upper(
+        value, rounding.term_mass(a, g), rounding.chunked_dot_error(d, dtype), rounding.chunked_dot_error(p, dtype),
+        rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]),
+    )
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @op("linear_norm_sq_direct")
 def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||g_iᵀ a_i||²_F by forming each G_i (a chunk of samples at a time; kernels: tile by tile)."""
+    """An upper bound of ||g_iᵀ a_i||²_F by forming each G_i (a chunk of samples at a time; kernels:
+    tile by tile) plus its rounding bound (``rounding.direct_norm_sq_upper``): float32 [B]."""
     B, T, d = a.shape
     p = g.shape[-1]
-    out = torch.empty(B, dtype=torch.float32, device=a.device)
-    for rows in batch_chunks(B, T * (d + p) + p * d):
-        per_sample = torch.bmm(g[rows].float().mT, a[rows].float())
-        out[rows] = per_sample.square().sum((1, 2))
-    return out
+    dtype = rounding.accumulation_dtype(a, g)
+    value = torch.empty(B, dtype=torch.float64, device=a.device)
+    with rounding.ieee_fp32():
+        for rows in batch_chunks(B, T * (d + p) + 5 * p * d):
+            per_sample = rounding.chunked_bmm(g[rows].mT, a[rows], dtype)
+            value[rows] = per_sample.double().square().sum((1, 2))
+    upper = rounding.direct_norm_sq_upper(
+        value, rounding.term_mass(a, g), rounding.chunked_dot_error(T, dtype),
+        rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]),
+    )
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def linear_weight_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -84,8 +95,15 @@ def linear_weight_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 @op("linear_bias_norm_sq")
 def linear_bias_norm_sq(g: torch.Tensor) -> torch.Tensor:
-    """||sum_t g_it||² per sample, float32 [B]."""
-    return g.sum(1, dtype=torch.float32).square().sum(1)
+    """An upper bound of ||sum_t g_it||² per sample, float32 [B]: the computed sum is within
+    γ_T Σ_t ||g_t|| of exact (``rounding.direct_norm_sq_upper`` with the bias's term mass)."""
+    dtype = rounding.accumulation_dtype(g)
+    value = g.sum(1, dtype=dtype).double().square().sum(1)
+    upper = rounding.direct_norm_sq_upper(
+        value, rounding.bias_term_mass(g), rounding.gamma(g.shape[1], rounding.UNIT_ROUNDOFF[dtype]),
+        rounding.gamma(g.shape[2], rounding.UNIT_ROUNDOFF[torch.float64]),
+    )
+    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @op("linear_clipped_grad")
@@ -114,13 +132,8 @@ def linear_grad_sample(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # sum_{t,s} (x_it · x'_is)(y_it · y'_is): two cross Grams, never the p×d gradients.
 # These are batched GEMMs that torch runs well on any device, so they are plain functions, not
 # dispatched ops (a fused kernel keeping the T1×T2 Grams on chip could make them ops later).
-
-
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+# Like the norms, they return upper bounds: the engine adds 2·(cross terms) to the uses' norms,
+# and a cancelling sum must not come out below the exact one.
 
 
 def choose_cross_method(T1: int, T2: int, p: int, d: int) -> str:
@@ -129,34 +142,29 @@ def choose_cross_method(T1: int, T2: int, p: int, d: int) -> str:
     return "ghost" if T1 * T2 * (p + d) <= (T1 + T2) * p * d else "direct"
 
 
-def linear_cross_inner_ghost(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """<x1_iᵀ y1_i, x2_iᵀ y2_i>_F per sample as <x1_i x2_iᵀ, y1_i y2_iᵀ> (T1×T2 cross Grams): [B]."""
-    B, T1, p = x1.shape
-    T2, d = x2.shape[1], y1.shape[-1]
-    dtype = _accumulation_dtype(x1, y1, x2, y2)
-    out = torch.empty(B, dtype=dtype, device=x1.device)
-    for rows in batch_chunks(B, (T1 + T2) * (p + d) + 2 * T1 * T2):
-        x_gram = torch.bmm(x1[rows].to(dtype), x2[rows].to(dtype).mT)
-        y_gram = torch.bmm(y1[rows].to(dtype), y2[rows].to(dtype).mT)
-        out[rows] = (x_gram * y_gram).sum((1, 2))
-    return out
-
-
-def linear_cross_inner_direct(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """<x1_iᵀ y1_i, x2_iᵀ y2_i>_F per sample by forming both p×d products, a chunk of samples at a time: [B]."""
-    B, T1, p = x1.shape
-    T2, d = x2.shape[1], y1.shape[-1]
-    dtype = _accumulation_dtype(x1, y1, x2, y2)
-    out = torch.empty(B, dtype=dtype, device=x1.device)
-    for rows in batch_chunks(B, (T1 + T2) * (p + d) + 2 * p * d):
-        first = torch.bmm(x1[rows].to(dtype).mT, y1[rows].to(dtype))
-        second = torch.bmm(x2[rows].to(dtype).mT, y2[rows].to(dtype))
-        out[rows] = (first * second).sum((1, 2))
-    return out
-
-
 def linear_cross_inner(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """Per-sample <sum_t x1_t ⊗ y1_t, sum_s x2_s ⊗ y2_s> for x: [B, T, p], y: [B, T, d] (T may differ
-    between the two uses), by the cheaper method for these shapes; float32 (float64 for float64) [B]."""
-    method = choose_cross_method(x1.shape[1], x2.shape[1], x1.shape[-1], y1.shape[-1])
-    return (linear_cross_inner_ghost if method == "ghost" else linear_cross_inner_direct)(x1, y1, x2, y2)
+    """An upper bound of the per-sample <sum_t x1_t ⊗ y1_t, sum_s x2_s ⊗ y2_s> for x: [B, T, p], y: [B, T, d]
+    (T may differ between the two uses): float64 [B]. By the cheaper method for these shapes: the cross
+    Grams <x1 x2ᵀ, y1 y2ᵀ> ("ghost") or both p×d products ("direct"), a chunk of samples at a time; the
+    rounding bound is ``error · S1 · S2`` (``rounding.cross_inner_upper``)."""
+    B, T1, p = x1.shape
+    T2, d = x2.shape[1], y1.shape[-1]
+    dtype = rounding.accumulation_dtype(x1, y1, x2, y2)
+    ghost = choose_cross_method(T1, T2, p, d) == "ghost"
+    value = torch.empty(B, dtype=torch.float64, device=x1.device)
+    scratch = (T1 + T2) * (p + d) + 6 * (T1 * T2 if ghost else p * d)
+    with rounding.ieee_fp32():
+        for rows in batch_chunks(B, scratch):
+            if ghost:
+                first = rounding.chunked_bmm(x1[rows], x2[rows].mT, dtype)
+                second = rounding.chunked_bmm(y1[rows], y2[rows].mT, dtype)
+            else:
+                first = rounding.chunked_bmm(x1[rows].mT, y1[rows], dtype)
+                second = rounding.chunked_bmm(x2[rows].mT, y2[rows], dtype)
+            value[rows] = (first.double() * second.double()).sum((1, 2))
+    widths, terms = ((p, d), T1 * T2) if ghost else ((T1, T2), p * d)
+    error = (
+        (1 + rounding.chunked_dot_error(widths[0], dtype)) * (1 + rounding.chunked_dot_error(widths[1], dtype))
+        * (1 + rounding.gamma(terms, rounding.UNIT_ROUNDOFF[torch.float64])) - 1
+    )
+    return rounding.cross_inner_upper(value, rounding.term_mass(y1, x1), rounding.term_mass(y2, x2), error)

@@ -4,8 +4,10 @@ The engine records, for every ruled module call, the module's positional inputs 
 the gradient of the loss with respect to its output, both batch-first. A rule turns
 them into what one DP step needs without ever forming the non-private gradient:
 
-- ``norm_sq_per_param``: each sample's squared gradient norm, per trainable
-  parameter, ``{name: [B]}`` in float32 (``norm_sq`` is their sum);
+- ``norm_sq_per_param``: an upper bound of each sample's squared gradient norm, per
+  trainable parameter, ``{name: [B]}`` in float32 (``norm_sq`` is their sum): the ops of
+  ``fastdp.ops`` return the computed value plus a rigorous bound on its rounding
+  (``fastdp.ops.rounding``), so that a sample whose terms cancel cannot come out unclipped;
 - ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter, with one
   factor vector ``c`` for all of them or one per parameter name (per-layer clipping);
 - ``grad_sample``: the materialised per-sample gradients ``[B, *p.shape]`` (hooks
@@ -28,6 +30,7 @@ from torch import nn
 
 from ...ops.embedding import embedding_cross_inner, embedding_linear_cross_inner
 from ...ops.linear import linear_cross_inner
+from ...ops.rounding import norm_sq_upper
 
 
 ClipFactors = Union[torch.Tensor, Dict[str, torch.Tensor]]
@@ -56,7 +59,7 @@ class OuterFactors(NamedTuple):
 
 
 def outer_inner_product(first: OuterFactors, second: OuterFactors) -> torch.Tensor:
-    """Per-sample ``<G_i, G'_i>`` of two uses of one parameter, ``[B]`` float32 (float64 for float64)."""
+    """An upper bound of the per-sample ``<G_i, G'_i>`` of two uses of one parameter, float64 ``[B]``."""
     if first.is_lookup and second.is_lookup:
         return embedding_cross_inner(first.left, first.right, second.left, second.right)
     if first.is_lookup:
@@ -92,8 +95,10 @@ class LayerRule:
         raise NotImplementedError
 
     def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Upper bounds (``fastdp.ops.rounding``) of each sample's squared norm per parameter; here those of the
+        materialised per-sample gradients, which are what the default ``clipped_grad`` sums."""
         grads = self.grad_sample(module, inputs, grad_output)
-        return {n: g.flatten(1).float().square().sum(1) for n, g in grads.items()}
+        return {n: norm_sq_upper(g) for n, g in grads.items()}
 
     def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
@@ -109,10 +114,12 @@ class LayerRule:
         return {}
 
     def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{name: [B] float32}``: for each parameter whose ``clipped_grad`` rounds more than fp32 does, a
-        bound ``s_i`` on how far sample i's contribution as computed can lie from ``c_i G_i``, divided
-        by ``c_i`` (``fastdp.engine.rounding``). The engine clips with ``‖G_i‖ + s_i``. Parameters left
-        out round nothing: the default ``clipped_grad`` below works in fp32."""
+        """``{name: [B] float32}``: for each parameter whose ``clipped_grad`` does not sum materialised
+        per-sample gradients, a bound ``s_i`` on how far sample i's contribution as computed can lie from
+        ``c_i G_i``, divided by ``c_i`` (``fastdp.ops.rounding``: products and partial sums holding a
+        sample's cancelling terms). The engine clips with ``‖G_i‖ + s_i``. Parameters left out round
+        nothing beyond one product by c: the default ``clipped_grad`` below sums the very tensors whose
+        norms ``norm_sq_per_param`` bounds."""
         return {}
 
     def clipped_grad(

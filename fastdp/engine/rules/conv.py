@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import uses_torch_reference
-
 from ...ops import conv as conv_ops
 from ...ops import linear as linear_ops
-from .. import rounding
+from ...ops import rounding, uses_torch_reference
 from . import register_rule
 from .base import ClipFactors, LayerRule, factors_for
 from .linear import common_dtype
@@ -89,13 +87,13 @@ class ConvRule(LayerRule):
 
     def rounding_slack(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         x, g = common_dtype(inputs[0], grad_output)
+        positions = math.prod(g.shape[2:])
         slack = {}
-        kappa = rounding.product_error(g.dtype, g.device, kind="conv")
-        if module.weight.requires_grad and kappa > 0:
-            x = padded_input(module, x)
-            slack["weight"] = rounding.conv_slack(x, g, *self._geometry(module), kappa)
-        kappa = rounding.product_error(g.dtype, g.device)  # the bias's clipped sum is a matrix product
-        if module.bias is not None and module.bias.requires_grad and kappa > 0:
+        if module.weight.requires_grad:
+            kappa = rounding.clipped_sum_error(g.dtype, g.device, positions, g.shape[0] * positions, kind="conv")
+            slack["weight"] = rounding.conv_slack(padded_input(module, x), g, *self._geometry(module), kappa)
+        if module.bias is not None and module.bias.requires_grad:  # the bias's clipped sum is a matrix product
+            kappa = rounding.clipped_sum_error(g.dtype, g.device, positions, g.shape[0] * positions)
             slack["bias"] = rounding.bias_slack(g.flatten(2).mT, kappa)
         return slack
 

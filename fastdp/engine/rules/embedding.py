@@ -12,7 +12,8 @@ from typing import Dict, NamedTuple
 import torch
 from torch import nn
 
-from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq
+from ...ops import rounding
+from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq, token_mass
 from . import register_rule
 from .base import ClipFactors, LayerRule, OuterFactors, factors_for
 
@@ -60,6 +61,18 @@ class EmbeddingLookupRule(LayerRule):
             return {}
         tokens = self.tokens(module, inputs, grad_output)
         return {"weight": embedding_norm_sq(*tokens, module.num_embeddings, self._padding_idx(module))}
+
+    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``κ_i Σ_t ‖g_t‖``: a sample's tokens of one row are summed (and may cancel) before any other
+        sample's, in every implementation of ``embedding_clipped_grad``."""
+        if not self.trainable_params(module):
+            return {}
+        ids, sample_of_token, token_grads, batch_size = self.tokens(module, inputs, grad_output)
+        mass, counts = token_mass(sample_of_token, token_grads, batch_size, ids, self._padding_idx(module))
+        kappa = rounding.clipped_sum_error(
+            rounding.accumulation_dtype(token_grads), token_grads.device, positions=counts, rows=ids.numel()
+        )
+        return {"weight": (kappa * mass).float()}
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

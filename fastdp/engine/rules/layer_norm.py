@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...ops.norms import norm_weight_grad_sample
+from ...ops.rounding import norm_sq_upper
 from . import register_rule
 from .base import ClipFactors, LayerRule, factors_for
 
@@ -56,7 +57,7 @@ class AffineNormRule(LayerRule):
 
     def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = self._per_sample_grads(module, inputs, grad_output)
-        return {name: grad.square().sum(1).float() for name, grad in grads.items()}
+        return {name: norm_sq_upper(grad) for name, grad in grads.items()}
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

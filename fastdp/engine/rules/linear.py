@@ -8,10 +8,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ...ops import uses_torch_reference
-
 from ...ops import linear as linear_ops
-from .. import rounding
+from ...ops import rounding, uses_torch_reference
 from . import register_rule
 from .base import ClipFactors, LayerRule, OuterFactors, factors_for
 
@@ -65,9 +63,7 @@ class LinearRule(LayerRule):
 
     def rounding_slack(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         a, g = common_dtype(*self._sequence_view(inputs, grad_output))
-        kappa = rounding.product_error(g.dtype, g.device)
-        if kappa == 0:
-            return {}
+        kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
         slack = {}
         if module.weight.requires_grad:
             slack["weight"] = rounding.sequence_slack(a, g, kappa)

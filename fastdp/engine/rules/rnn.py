@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ...ops import linear as linear_ops
-from ...ops import uses_torch_reference
-from .. import rounding
+from ...ops import rounding, uses_torch_reference
 from . import register_rule
 from .base import ClipFactors, LayerRule, factors_for
 from .linear import common_dtype
@@ -109,13 +108,13 @@ class SequenceLinearRule(LayerRule):
         slack: Dict[str, torch.Tensor] = {}
         for term, a, g in self._terms(module, inputs, grad_output):  # terms of one weight: slacks add
             a, g = common_dtype(a, g)
-            kappa = rounding.product_error(g.dtype, g.device)
-            if kappa > 0:
-                part = rounding.sequence_slack(a, g, kappa)
-                slack[term.name] = part if term.name not in slack else slack[term.name] + part
-        kappa = rounding.product_error(grad_output.dtype, grad_output.device)
+            kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
+            part = rounding.sequence_slack(a, g, kappa)
+            slack[term.name] = part if term.name not in slack else slack[term.name] + part
+        g = grad_output
+        kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
         for name in inputs[0].biases:
-            if _trainable(module, name) and kappa > 0:
+            if _trainable(module, name):
                 slack[name] = rounding.bias_slack(grad_output, kappa)
         return slack
 
