@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--accountant", choices=choices, default="prv")
     sig.set_defaults(run=_noise_multiplier)
 
+    from .audit.cli import add_parser as add_audit_parser  # `fastdp audit` lives in fastdp/audit/cli.py
+
+    add_audit_parser(commands)
+
     # handled in main() before parsing: every argument goes to the benchmark's own parser
     commands.add_parser("bench", help="training-step benchmark: forwards to python -m bench (source checkout)", add_help=False)
     return parser
