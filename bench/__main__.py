@@ -226,10 +226,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for model in args.models:
-            model_rows = list(pool.map(lambda method: run_one(model, method, args, device, log_dir), methods))
-            rows += model_rows
-            report.write(out_dir, header, rows)  # after every model: an interrupted run keeps its rows
-            for row in model_rows:
+            for row in pool.map(lambda method: run_one(model, method, args, device, log_dir), methods):
+                rows.append(row)
+                report.write(out_dir, header, rows)  # after every row: an interrupted run keeps what it measured
                 print(f"  {model:9s} {row['method']:18s} {_describe(row)}", flush=True)
     print(f"bench: done in {time.perf_counter() - started:.0f} s; wrote {out_dir / 'results.md'} and results.json")
     if args.plot:

@@ -1,5 +1,5 @@
-"""What the kernel benchmarks share: whether they can run here, and their two timers (triton's
-do_bench on a GPU, wall time for --smoke)."""
+"""What the kernel benchmarks share: whether they can run here, their two timers (triton's
+do_bench on a GPU, wall time for --smoke), and the relative error each kernel's check may show."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import statistics
 import time
 
 import torch
+
+#: the largest relative error (kernel against torch reference, the "rel. error" the scripts print)
+#: accepted per input dtype; the low-precision bound covers outputs stored in that dtype (bias
+#: clipped sum, per-sample grads). tests/test_bench_kernels_smoke.py and bench/gpu_summary.py check it.
+ERROR_BOUND = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def can_run(script: str, smoke: bool) -> bool:

@@ -110,7 +110,7 @@ def markdown(header: dict, rows: List[dict]) -> str:
 
 
 def write(out_dir: Path, header: dict, rows: List[dict]) -> None:
-    """results.json (header + rows) and results.md; called after every model, so partial runs keep their rows."""
+    """results.json (header + rows) and results.md; called after every row, so partial runs keep their rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     add_ratios(rows)
     (out_dir / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) nothing can be timed, so a kernel runs with one
 fixed small config whose 16-wide blocks make the test shapes cross tile edges; on a
-GPU it is autotuned over a short list of configs. Importing this module with the
+GPU it is autotuned over a short list of configs (``FASTDP_AUTOTUNE_CONFIGS=N`` keeps the
+first N of each list, so that a time-limited GPU session compiles less). Importing this module with the
 interpreter on also corrects the interpreter's bf16 arithmetic (see ``_fix_interpreter_bf16``).
 """
 
@@ -97,6 +98,27 @@ if use_interpreter():
     _fix_interpreter_bf16()
 
 
+AUTOTUNE_CONFIGS_VARIABLE = "FASTDP_AUTOTUNE_CONFIGS"
+
+
+def autotune_configs(configs: Sequence[triton.Config]) -> list:
+    """The configs to autotune over: all, or the first N with ``FASTDP_AUTOTUNE_CONFIGS=N``.
+
+    Each config is compiled before it is timed, so a short list makes the first call of every
+    kernel shape cheaper (tests, a time-limited GPU session); with N = 1 nothing is timed at all.
+    Each list starts with its smallest tiles. Read when a kernel module is imported.
+    """
+    value = os.environ.get(AUTOTUNE_CONFIGS_VARIABLE, "").strip()
+    if not value:
+        return list(configs)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(
+            f"{AUTOTUNE_CONFIGS_VARIABLE} must be a whole number ≥ 1 (how many of each kernel's autotune "
+            f"configs to try), got {value!r}; unset it to autotune over all of them"
+        )
+    return list(configs)[: int(value)]
+
+
 class Launcher:
     """A kernel with its launch config: autotuned over ``configs`` on a GPU, ``interpreter_config`` on CPU.
 
@@ -108,7 +130,7 @@ class Launcher:
     def __init__(self, kernel, configs: Sequence[triton.Config], key: Sequence[str],
                  interpreter_config: Dict[str, int], reset_to_zero: Sequence[str] = ()):
         self.interpret = use_interpreter()
-        self.configs = list(configs)
+        self.configs = autotune_configs(configs)
         self.interpreter_config = dict(interpreter_config)
         if self.interpret:
             self.kernel = kernel

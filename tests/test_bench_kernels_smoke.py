@@ -1,6 +1,6 @@
 """bench/bench_kernels_*.py --smoke: the GPU kernel benchmarks' own code, run on CPU in triton's interpreter.
 
-A GPU session runs these scripts rarely (``bash bench/gpu_session.sh kernels``); here every
+A GPU session runs these scripts rarely (``bash bench/gpu_session.sh all``); here every
 section of them runs on tiny ragged shapes, so that a Python error, a skipped section or row,
 or a kernel that disagrees with its torch reference shows up in CI first. Timings are not
 checked (CPU, interpreter), only that each row printed one.
@@ -18,11 +18,8 @@ pytest.importorskip("triton")
 
 from bench import bench_kernels_conv_embedding_norms as conv_bench  # noqa: E402
 from bench import bench_kernels_linear as linear_bench  # noqa: E402
+from bench.kernel_timing import ERROR_BOUND  # noqa: E402
 from fastdp.ops.linear import choose_linear_norm_method  # noqa: E402
-
-#: the largest relative error (kernel against torch reference) accepted per input dtype; the
-#: low-precision bound covers outputs stored in that dtype (bias clipped sum, per-sample grads)
-ERROR_BOUND = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 
 TIME = r"(?P<ms>\S+) ms"
 LINEAR_ROW = re.compile(rf"(?P<name>\S.*?)\s+{TIME}\s+(?P<ratio>\S+)x GEMM(?:\s+rel\. error (?P<error>\S+))?")

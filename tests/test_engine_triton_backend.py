@@ -1,6 +1,8 @@
 """The whole engine through the Triton kernels (FASTDP_BACKEND=triton) equals the torch backend.
 
-On CPU the kernels run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+On CPU the kernels run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with
+a GPU the models, batches and noise run on it and the kernels are compiled (the GPU session,
+bench/gpu_session.sh, runs this file there).
 Each model's clipped step must also match the microbatch reference, and the ops the step
 called must actually have run their Triton implementations (no silent torch fallback, except
 conv's clipped gradient, which is cuDNN's weight gradient by design).
@@ -20,6 +22,8 @@ from .models import clipped_sum, make, microbatch_per_sample_grads  # noqa: E402
 from .rule_testing import BOUND_RTOL, assert_rel_close  # noqa: E402
 
 TORCH_BY_DESIGN = {"conv_weight_clipped_grad"}
+#: where the engine runs: CUDA tensors reach the compiled kernels, CPU tensors the interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture
@@ -42,8 +46,9 @@ def record_backends(monkeypatch):
 def _clipped_step(name, backend, monkeypatch, batch=3):
     monkeypatch.setenv("FASTDP_BACKEND", backend)
     model, make_input, classes = make(name)
+    model.to(DEVICE)
     torch.manual_seed(1)
-    x, y = make_input(batch), torch.randint(0, classes, (batch,))
+    x, y = make_input(batch).to(DEVICE), torch.randint(0, classes, (batch,)).to(DEVICE)
     expected = clipped_sum(microbatch_per_sample_grads(model, x, y), 1.0)
     gsm = GradSampleModule(model, loss_reduction="sum", clipping=FlatClipping(1.0))
     F.cross_entropy(gsm(x), y, reduction="sum").backward()
@@ -70,9 +75,9 @@ def test_triton_engine_step_equals_torch_and_microbatching(name, monkeypatch, re
 
 def test_triton_noise_pass_in_the_optimizer(monkeypatch, record_backends):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
-    model = torch.nn.Linear(40, 30)
+    model = torch.nn.Linear(40, 30).to(DEVICE)
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0, max_grad_norm=0.5,
-                            expected_batch_size=4, generator=torch.Generator().manual_seed(3))
+                            expected_batch_size=4, generator=torch.Generator(DEVICE).manual_seed(3))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
