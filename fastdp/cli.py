@@ -1,10 +1,15 @@
 """The ``fastdp`` command line: privacy arithmetic without writing a script.
 
-Every subcommand is one entry of ``COMMANDS`` (name, help, its arguments, the function that runs
-it). Run functions import what they need themselves, so ``fastdp --help`` and argument errors
-answer without loading numpy, scipy or torch. To add a subcommand, append a ``Command`` to
-``COMMANDS`` (its ``flag_names`` map the Python argument names that its errors may mention to
-its flags, where they differ; errors name flags, never Python arguments).
+``fastdp epsilon`` prints the ε a schedule (σ, sample rate, steps or epochs, δ) spends under each
+accountant; ``fastdp noise-multiplier`` the smallest σ that meets a target ε; ``fastdp bench``
+runs the benchmark of a source checkout. ``fastdp COMMAND --help`` lists a command's flags, and
+bad input is a one-line error naming the flag.
+
+For developers: every subcommand is one entry of ``COMMANDS`` (name, help, its arguments, the
+function that runs it); to add one, append a ``Command``. Run functions import what they need
+themselves, so ``fastdp --help`` and argument errors answer without loading numpy, scipy or
+torch. Errors name flags, never Python arguments: a ``Command``'s ``flag_names`` maps the
+Python names its errors may mention to flags, where they differ from the flags' dests.
 """
 
 from __future__ import annotations

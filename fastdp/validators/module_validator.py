@@ -172,6 +172,7 @@ class ModuleValidator:
 
     @classmethod
     def is_valid(cls, module: nn.Module) -> bool:
+        """Whether ``validate`` finds nothing to object to."""
         return not cls.validate(module)
 
     @classmethod
