@@ -57,3 +57,13 @@ def test_version_matches_the_project_metadata():
 @pytest.mark.parametrize("name", ["LICENSE", "CHANGELOG.md", "fastdp/py.typed"])
 def test_release_files_exist(name):
     assert (ROOT / name).is_file()
+
+
+def test_a_fresh_process_fixes_recurrent_layers_with_nothing_else_imported():
+    """Lazy imports must not lose import-time registrations: ModuleValidator.fix needs the DP layers."""
+    code = ("from torch import nn; from fastdp import ModuleValidator; "
+            "fixed = ModuleValidator.fix(nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 4), nn.MultiheadAttention(4, 2))); "
+            "print([type(m).__name__ for m in fixed])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['DPLSTM', 'DPGRU', 'DPMultiheadAttention']"
