@@ -167,14 +167,16 @@ def plot(out_dir: Path, header: dict, rows: List[dict]) -> str:
         ratios = [r.get("time_ratio") for r in model_rows]
         measured = [ratio for ratio in ratios if ratio is not None] or [1.0]
         low, high = min(0.5, min(measured) / 1.5), max(2.0, max(measured) * 3)
-        colors = ["tab:gray" if r["method"] == BASELINE else "tab:blue" for r in model_rows]
-        axis.barh(names, [ratio if ratio is not None else 0 for ratio in ratios], color=colors)
+        drawn = [y for y, ratio in enumerate(ratios) if ratio is not None]
+        axis.barh(drawn, [ratios[y] for y in drawn],
+                  color=["tab:gray" if model_rows[y]["method"] == BASELINE else "tab:blue" for y in drawn])
+        axis.set_yticks(range(len(names)), names)
+        axis.set_ylim(len(names) - 0.5, -0.5)  # first row on top
         axis.set_xscale("log")
         axis.set_xlim(low, high)
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}×"))
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.axvline(1.0, color="black", linewidth=0.8)
-        axis.invert_yaxis()
         axis.set_title(model)
         axis.set_xlabel("step time / non-private (log scale)")
         for y, (row, ratio) in enumerate(zip(model_rows, ratios)):
