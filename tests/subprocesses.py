@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from typing import Sequence
 
 
@@ -34,3 +35,11 @@ def _kill_group(group: int) -> None:
         os.killpg(group, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):  # the group is already gone
         pass
+
+
+def python_output(code: str, *, timeout: float = 300) -> str:
+    """The stdout of ``python -c code`` in a fresh interpreter (what a new user's process sees);
+    a non-zero exit fails the calling test with its stderr."""
+    result = run([sys.executable, "-c", code], timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

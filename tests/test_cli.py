@@ -8,6 +8,8 @@ import pytest
 from fastdp.accountants import RDPAccountant, get_noise_multiplier
 from fastdp.cli import main
 
+from .subprocesses import python_output
+
 
 def _table(capsys):
     out = capsys.readouterr().out.splitlines()
@@ -65,10 +67,9 @@ def test_help_answers_without_numpy_scipy_or_torch():
     code = ("import sys; from fastdp.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('numpy', 'scipy', 'torch') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "epsilon" in result.stdout and "noise-multiplier" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    out = python_output(code)
+    assert "epsilon" in out and "noise-multiplier" in out
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_every_subcommand_has_help():

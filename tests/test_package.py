@@ -1,13 +1,13 @@
 """The package itself: lazy top-level imports that keep every public name, and its metadata files."""
 
 import importlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import fastdp
+
+from .subprocesses import python_output
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,9 +19,7 @@ PUBLIC_NAMES = ["PrivacyEngine", "GradSampleModule", "DPOptimizer", "DPDataLoade
 
 def test_import_fastdp_loads_neither_torch_nor_scipy():
     code = "import sys, fastdp; print(sorted(m for m in ('numpy', 'scipy', 'torch') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert python_output(code).strip() == "[]"
 
 
 @pytest.mark.parametrize("name", PUBLIC_NAMES)
@@ -64,6 +62,4 @@ def test_a_fresh_process_fixes_recurrent_layers_with_nothing_else_imported():
     code = ("from torch import nn; from fastdp import ModuleValidator; "
             "fixed = ModuleValidator.fix(nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 4), nn.MultiheadAttention(4, 2))); "
             "print([type(m).__name__ for m in fixed])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['DPLSTM', 'DPGRU', 'DPMultiheadAttention']"
+    assert python_output(code).strip() == "['DPLSTM', 'DPGRU', 'DPMultiheadAttention']"
