@@ -43,5 +43,6 @@ def cuda_extension() -> dict:
 setup(
     packages=find_packages(include=["fastdp", "fastdp.*"]) + ["fastdp.kernels"],
     package_dir={"fastdp.kernels": "kernels"},
+    package_data={"fastdp": ["py.typed"]},  # PEP 561: the package's annotations are meant for type checkers
     **cuda_extension(),
 )

@@ -5,7 +5,8 @@
     python -m bench --models mlp,gpt2 --methods nonprivate,fastdp-bk --plot
 
 Writes results.json, results.md (and with --plot results.png) to --out, by default
-bench/results/<date>-<device>/, plus logs/<model>-<method>.log with each process's output.
+<temp dir>/fastdp-bench/<date>-<device>/ (outside the source tree), plus
+logs/<model>-<method>.log with each process's output.
 See bench/README.md for what every column means.
 """
 
@@ -34,7 +35,6 @@ from bench.models import MODELS
 from bench.step import RESULT_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _comma_list(value: str, known, what: str) -> List[str]:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="scaled-down models, 2 warm-up + 3 timed steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 5; --quick 2)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<date>-<device>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default <temp dir>/fastdp-bench/<date>-<device>)")
     parser.add_argument("--plot", action="store_true", help="also write results.png (needs matplotlib)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="allow TF32 matmuls/convolutions on CUDA (default on)")
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
 
     header = _header(args, device, argv)
     slug = re.sub(r"[^a-z0-9]+", "-", (header["device"].split(": ", 1)[1] if device != "cpu" else "cpu").lower()).strip("-")
-    out_dir = args.out or RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug}"
+    out_dir = args.out or report.default_out_dir(slug)
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"bench: {len(args.models)} models × {len(methods)} methods on {header['device']} → {out_dir}", flush=True)

@@ -20,7 +20,6 @@ its own largest) and, when that differs, at its own largest. Writes results.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -33,10 +32,9 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from bench.report import _bytes
+from bench.report import _bytes, default_out_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "LARGEST_BATCH_RESULT "
 BASELINE = "nonprivate"
 DEFAULT_METHODS = ["nonprivate", "fastdp-bk", "fastdp-bk-per_layer", "opacus-ghost"]
@@ -226,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (--quick 1)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default bench/results/<date>-<device>-largest-batch)")
+                        help="output folder (default <temp dir>/fastdp-bench/<date>-<device>-largest-batch)")
     # the child process's side: one probe or measurement
     parser.add_argument("--worker", choices=("probe", "measure"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
@@ -466,7 +464,7 @@ def main(argv=None) -> int:
 
     header = _header(args, argv)
     slug = re.sub(r"[^a-z0-9]+", "-", (header["device"].split(": ", 1)[1] if args.device != "cpu" else "cpu").lower())
-    out_dir = args.out or RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug.strip('-')}-largest-batch"
+    out_dir = args.out or default_out_dir(f"{slug.strip('-')}-largest-batch")
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"bench_largest_batch: {', '.join(args.methods)} on {header['device']} → {out_dir}", flush=True)

@@ -321,10 +321,9 @@ def fastdp_backends(device_type: str) -> List[str]:
     backends = ["torch"]
     if importlib.util.find_spec("triton") is not None:
         backends.append("triton")
-    import fastdp  # noqa: F401  (registers the ops)
     from fastdp import ops
 
-    if any("cuda" in ops.available_impls(name) for name in sorted(ops._IMPLS)):  # _IMPLS: every declared op
+    if any("cuda" in ops.available_impls(name) for name in ops.declared_ops()):
         backends.append("cuda")
     return backends
 

@@ -102,9 +102,14 @@ class RecurrentClassifier(nn.Module):
         self.embedding = nn.Embedding(vocab, embedding_dim)
         self.rnn = cell(embedding_dim, hidden, batch_first=True)
         self.fc = nn.Linear(hidden, num_classes)
+        self.hidden, self.lstm = hidden, cell is nn.LSTM  # the layer may be swapped for a DP twin later
 
     def forward(self, tokens):
-        out, _ = self.rnn(self.embedding(tokens))
+        embedded = self.embedding(tokens)
+        # torch's default zero initial state, but made from the input: under torch.func.vmap (the
+        # torchfunc method) nn.GRU's own default state does not broadcast against the batched input
+        h0 = embedded.new_zeros(1, embedded.shape[0], self.hidden)
+        out, _ = self.rnn(embedded, (h0, torch.zeros_like(h0)) if self.lstm else h0)
         return self.fc(out[:, -1])
 
 

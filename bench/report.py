@@ -6,7 +6,9 @@ non-private row of the same model in the same run) added by ``add_ratios``.
 
 from __future__ import annotations
 
+import datetime
 import json
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -40,6 +42,12 @@ MEMORY_LEGEND = {
         "includes allocator caching. n/a where it cannot be measured."
     ),
 }
+
+
+def default_out_dir(name: str) -> Path:
+    """Where a run writes without ``--out``: ``<temp dir>/fastdp-bench/<date>-<name>``, outside the
+    source tree (a checkout stays clean; commit what you keep under bench/results/ yourself)."""
+    return Path(tempfile.gettempdir()) / "fastdp-bench" / f"{datetime.date.today().isoformat()}-{name}"
 
 
 def add_ratios(rows: List[dict]) -> None:
@@ -117,8 +125,26 @@ def write(out_dir: Path, header: dict, rows: List[dict]) -> None:
     (out_dir / "results.md").write_text(markdown(header, rows))
 
 
+def _short_reason(row: dict, width: int = 60) -> str:
+    """Why a row has no ratio, on one plot line: its error's first line (cut to ``width``)."""
+    if row.get("ok"):
+        return "no ratio: the non-private baseline failed"
+    reason = "failed: " + ((row.get("error") or "unknown error").strip().splitlines() or ["unknown error"])[0]
+    return reason if len(reason) <= width else reason[: width - 1] + "…"
+
+
+def plot_title(header: dict) -> str:
+    """What produced the numbers: device, preset, threads, dtype, date (the plot alone must say it)."""
+    parts = [header.get("device", ""), header.get("preset", ""), f"threads: {header.get('cpu threads per process', '?')}",
+             header.get("dtype", ""), header.get("date", "")]
+    return "  ·  ".join(str(part) for part in parts if part)
+
+
 def plot(out_dir: Path, header: dict, rows: List[dict]) -> str:
-    """results.png: per model, each method's step time relative to non-private (log scale)."""
+    """results.png: per model, each method's step time relative to non-private (log scale).
+
+    A row without a ratio (failed, or its model's baseline failed) gets no bar but its reason in
+    red, so a missing method is visibly missing, not silently left out."""
     try:
         import matplotlib
 
@@ -127,33 +153,45 @@ def plot(out_dir: Path, header: dict, rows: List[dict]) -> str:
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return "--plot: matplotlib is not installed (pip install matplotlib); no results.png written"
-    models = {m: [r for r in rs if r.get("time_ratio") is not None] for m, rs in by_model(rows).items()}
-    models = {m: rs for m, rs in models.items() if rs}
+    models = by_model(rows)
     if not models:
-        return "--plot: no successful rows with a non-private baseline; no results.png written"
+        return "--plot: no rows; no results.png written"
     columns = min(3, len(models))
     rows_of_plots = -(-len(models) // columns)
     height = 0.35 * max(map(len, models.values())) + 1.2
-    figure, axes = plt.subplots(rows_of_plots, columns, figsize=(5 * columns, height * rows_of_plots), squeeze=False)
+    figure, axes = plt.subplots(rows_of_plots, columns, figsize=(5.5 * columns, height * rows_of_plots), squeeze=False)
     for axis in axes.flat[len(models):]:
         axis.set_visible(False)
     for axis, (model, model_rows) in zip(axes.flat, models.items()):
         names = [r["method"] + (" *" if r.get("extrapolated") else "") for r in model_rows]
-        ratios = [r["time_ratio"] for r in model_rows]
-        axis.barh(names, ratios, color=["tab:gray" if r["method"] == BASELINE else "tab:blue" for r in model_rows])
+        ratios = [r.get("time_ratio") for r in model_rows]
+        measured = [ratio for ratio in ratios if ratio is not None] or [1.0]
+        low, high = min(0.5, min(measured) / 1.5), max(2.0, max(measured) * 3)
+        drawn = [y for y, ratio in enumerate(ratios) if ratio is not None]
+        axis.barh(drawn, [ratios[y] for y in drawn],
+                  color=["tab:gray" if model_rows[y]["method"] == BASELINE else "tab:blue" for y in drawn])
+        axis.set_yticks(range(len(names)), names)
+        axis.set_ylim(len(names) - 0.5, -0.5)  # first row on top
         axis.set_xscale("log")
-        axis.set_xlim(min(0.5, min(ratios) / 1.5), max(2.0, max(ratios) * 3))
+        axis.set_xlim(low, high)
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}×"))
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.axvline(1.0, color="black", linewidth=0.8)
-        axis.invert_yaxis()
         axis.set_title(model)
         axis.set_xlabel("step time / non-private (log scale)")
-        for y, ratio in enumerate(ratios):
-            axis.annotate(f"{ratio:.2f}×", (ratio, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-    figure.suptitle(f"{header.get('device', '')}  {header.get('date', '')}", fontsize=9)
-    if any(r.get("extrapolated") for rs in models.values() for r in rs):
-        figure.text(0.01, 0.005, "* extrapolated from a subset of the batch", fontsize=8, va="bottom")
+        for y, (row, ratio) in enumerate(zip(model_rows, ratios)):
+            if ratio is None:
+                axis.annotate(_short_reason(row), (low, y), xytext=(3, 0), textcoords="offset points",
+                              va="center", fontsize=7, color="tab:red")
+            else:
+                axis.annotate(f"{ratio:.2f}×", (ratio, y), xytext=(3, 0), textcoords="offset points", va="center",
+                              fontsize=8)
+    figure.suptitle(plot_title(header), fontsize=9)
+    notes = ["* extrapolated from a subset of the batch"] if any(r.get("extrapolated") for r in rows) else []
+    if any(r.get("time_ratio") is None for r in rows):
+        notes.append("red: no measurement (the reason is in results.md and logs/)")
+    if notes:
+        figure.text(0.01, 0.005, ";  ".join(notes), fontsize=8, va="bottom")
     figure.tight_layout(rect=(0, 0.03, 1, 1))
     path = out_dir / "results.png"
     figure.savefig(path, dpi=120)

@@ -32,57 +32,67 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
 }
 
+// Each kernel below is one grid-stride loop over the batch * hidden units of a [batch, hidden] state:
+// for (idx = first_unit(); idx < batch * hidden; idx += unit_stride()), unit j of sample b at idx = b * hidden + j.
+__device__ __forceinline__ int64_t first_unit() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ int64_t unit_stride() { return int64_t(gridDim.x) * blockDim.x; }
+
+// Column k of row b of the gate pre-activations gx + gh (row-strided inputs), in acc_t.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t gate_input(const scalar_t* gx, int64_t gx_row, const scalar_t* gh, int64_t gh_row,
+                                            int64_t b, int64_t k) {
+  return acc_t(gx[b * gx_row + k]) + acc_t(gh[b * gh_row + k]);
+}
+
+// Row b of a contiguous [batch, 4 * hidden] buffer gets (v0, v1, v2, v3) at unit j of its four blocks.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_four(scalar_t* out, int64_t b, int64_t j, int64_t hidden, acc_t v0, acc_t v1,
+                                           acc_t v2, acc_t v3) {
+  scalar_t* row = out + b * 4 * hidden;
+  row[j] = scalar_t(v0);
+  row[j + hidden] = scalar_t(v1);
+  row[j + 2 * hidden] = scalar_t(v2);
+  row[j + 3 * hidden] = scalar_t(v3);
+}
+
 // ---- LSTM -------------------------------------------------------------------------------------
 // Forward: c = f * c_prev + i * g, h = o * tanh(c); saves the activated gates (i, f, g, o) [B, 4H].
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void lstm_forward_kernel(const scalar_t* __restrict__ gx, int64_t gx_row,
                                     const scalar_t* __restrict__ gh, int64_t gh_row,
                                     const scalar_t* __restrict__ c_prev, int64_t c_row,
                                     scalar_t* __restrict__ h, scalar_t* __restrict__ c,
                                     scalar_t* __restrict__ gates, int64_t batch, int64_t hidden) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = batch * hidden;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = first_unit(); idx < batch * hidden; idx += unit_stride()) {
     const int64_t b = idx / hidden, j = idx % hidden;
-    const scalar_t* x = gx + b * gx_row;
-    const scalar_t* y = gh + b * gh_row;
-    const acc_t i = sigmoid_of(acc_t(x[j]) + acc_t(y[j]));
-    const acc_t f = sigmoid_of(acc_t(x[j + hidden]) + acc_t(y[j + hidden]));
-    const acc_t g = tanh_of(acc_t(x[j + 2 * hidden]) + acc_t(y[j + 2 * hidden]));
-    const acc_t o = sigmoid_of(acc_t(x[j + 3 * hidden]) + acc_t(y[j + 3 * hidden]));
+    const acc_t i = sigmoid_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j));
+    const acc_t f = sigmoid_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j + hidden));
+    const acc_t g = tanh_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j + 2 * hidden));
+    const acc_t o = sigmoid_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j + 3 * hidden));
     const acc_t c_new = f * acc_t(c_prev[b * c_row + j]) + i * g;
     c[idx] = scalar_t(c_new);
     h[idx] = scalar_t(o * tanh_of(c_new));
-    scalar_t* saved = gates + b * 4 * hidden;
-    saved[j] = scalar_t(i);
-    saved[j + hidden] = scalar_t(f);
-    saved[j + 2 * hidden] = scalar_t(g);
-    saved[j + 3 * hidden] = scalar_t(o);
+    store_four(gates, b, j, hidden, i, f, g, o);
   }
 }
 
 // Backward: from dL/dh, dL/dc (this step's outputs) to dL/d(gate pre-activations) [B, 4H], which is
 // both dL/dgx and dL/dgh, and dL/dc_prev [B, H].
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void lstm_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ grad_c,
                                      const scalar_t* __restrict__ gates, const scalar_t* __restrict__ c_prev,
                                      int64_t c_row, const scalar_t* __restrict__ c,
                                      scalar_t* __restrict__ grad_gates, scalar_t* __restrict__ grad_c_prev,
                                      int64_t batch, int64_t hidden) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = batch * hidden;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = first_unit(); idx < batch * hidden; idx += unit_stride()) {
     const int64_t b = idx / hidden, j = idx % hidden;
     const scalar_t* saved = gates + b * 4 * hidden;
     const acc_t i = saved[j], f = saved[j + hidden], g = saved[j + 2 * hidden], o = saved[j + 3 * hidden];
     const acc_t tanh_c = tanh_of(acc_t(c[idx]));
     const acc_t dh = grad_h[idx];
     const acc_t dc = acc_t(grad_c[idx]) + dh * o * (acc_t(1) - tanh_c * tanh_c);
-    scalar_t* out = grad_gates + b * 4 * hidden;
-    out[j] = scalar_t(dc * g * i * (acc_t(1) - i));
-    out[j + hidden] = scalar_t(dc * acc_t(c_prev[b * c_row + j]) * f * (acc_t(1) - f));
-    out[j + 2 * hidden] = scalar_t(dc * i * (acc_t(1) - g * g));
-    out[j + 3 * hidden] = scalar_t(dh * tanh_c * o * (acc_t(1) - o));
+    store_four(grad_gates, b, j, hidden, dc * g * i * (acc_t(1) - i), dc * acc_t(c_prev[b * c_row + j]) * f * (acc_t(1) - f),
+               dc * i * (acc_t(1) - g * g), dh * tanh_c * o * (acc_t(1) - o));
     grad_c_prev[idx] = scalar_t(dc * f);
   }
 }
@@ -90,41 +100,31 @@ __global__ void lstm_backward_kernel(const scalar_t* __restrict__ grad_h, const 
 // ---- GRU --------------------------------------------------------------------------------------
 // Forward: r, z = sigmoid(gx + gh), n = tanh(gx_n + r * gh_n), h = n + z * (h_prev - n);
 // saves (r, z, n, gh_n) [B, 4H].
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void gru_forward_kernel(const scalar_t* __restrict__ gx, int64_t gx_row,
                                    const scalar_t* __restrict__ gh, int64_t gh_row,
                                    const scalar_t* __restrict__ h_prev, int64_t h_row,
                                    scalar_t* __restrict__ h, scalar_t* __restrict__ saved_all,
                                    int64_t batch, int64_t hidden) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = batch * hidden;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = first_unit(); idx < batch * hidden; idx += unit_stride()) {
     const int64_t b = idx / hidden, j = idx % hidden;
-    const scalar_t* x = gx + b * gx_row;
-    const scalar_t* y = gh + b * gh_row;
-    const acc_t r = sigmoid_of(acc_t(x[j]) + acc_t(y[j]));
-    const acc_t z = sigmoid_of(acc_t(x[j + hidden]) + acc_t(y[j + hidden]));
-    const acc_t hidden_n = y[j + 2 * hidden];
-    const acc_t cand = tanh_of(acc_t(x[j + 2 * hidden]) + r * hidden_n);
+    const acc_t r = sigmoid_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j));
+    const acc_t z = sigmoid_of(gate_input<acc_t>(gx, gx_row, gh, gh_row, b, j + hidden));
+    const acc_t hidden_n = gh[b * gh_row + j + 2 * hidden];
+    const acc_t cand = tanh_of(acc_t(gx[b * gx_row + j + 2 * hidden]) + r * hidden_n);
     h[idx] = scalar_t(cand + z * (acc_t(h_prev[b * h_row + j]) - cand));
-    scalar_t* saved = saved_all + b * 4 * hidden;
-    saved[j] = scalar_t(r);
-    saved[j + hidden] = scalar_t(z);
-    saved[j + 2 * hidden] = scalar_t(cand);
-    saved[j + 3 * hidden] = scalar_t(hidden_n);
+    store_four(saved_all, b, j, hidden, r, z, cand, hidden_n);
   }
 }
 
 // Backward: dL/dgx [B, 3H], dL/dgh [B, 3H] (they differ in the n block by the factor r) and the
 // direct part of dL/dh_prev [B, H] (the part through gh is the caller's GEMM).
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void gru_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ saved_all,
                                     const scalar_t* __restrict__ h_prev, int64_t h_row,
                                     scalar_t* __restrict__ grad_gx, scalar_t* __restrict__ grad_gh,
                                     scalar_t* __restrict__ grad_h_prev, int64_t batch, int64_t hidden) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = batch * hidden;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = first_unit(); idx < batch * hidden; idx += unit_stride()) {
     const int64_t b = idx / hidden, j = idx % hidden;
     const scalar_t* saved = saved_all + b * 4 * hidden;
     const acc_t r = saved[j], z = saved[j + hidden], cand = saved[j + 2 * hidden], hidden_n = saved[j + 3 * hidden];
@@ -157,32 +157,51 @@ void check_contiguous(const at::Tensor& t, const char* name, const at::Tensor& l
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The [batch, hidden] state that the other arguments are checked against (rows may be strided).
+void check_state(const at::Tensor& state, const char* name) {
+  TORCH_CHECK(state.dim() == 2, name, " must be 2-D [batch, hidden], got ", state.sizes());
+  check_rows(state, name, state, state.size(0), state.size(1));
+}
+
+// A forward step's inputs: the state [batch, hidden] and gx, gh (the two halves of the gate
+// pre-activations) [batch, gates * hidden] each, all row-strided at most.
+void check_forward_inputs(const at::Tensor& gx, const at::Tensor& gh, const at::Tensor& state, const char* state_name,
+                          int64_t gates) {
+  check_state(state, state_name);
+  check_rows(gx, "gx", state, state.size(0), gates * state.size(1));
+  check_rows(gh, "gh", state, state.size(0), gates * state.size(1));
+}
+
+// Launches one of the kernels above over `units` = batch * hidden units on the current stream (none: nothing to do).
+template <typename... KernelArgs, typename... Args>
+void launch(void (*kernel)(KernelArgs...), int64_t units, Args... args) {
+  if (units == 0) {
+    return;
+  }
+  kernel<<<blocks_for(units), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& gx, const at::Tensor& gh, const at::Tensor& c_prev) {
-  TORCH_CHECK(c_prev.dim() == 2, "c_prev must be 2-D [batch, hidden], got ", c_prev.sizes());
+  check_forward_inputs(gx, gh, c_prev, "c_prev", 4);
   const int64_t batch = c_prev.size(0), hidden = c_prev.size(1);
-  check_rows(c_prev, "c_prev", c_prev, batch, hidden);
-  check_rows(gx, "gx", c_prev, batch, 4 * hidden);
-  check_rows(gh, "gh", c_prev, batch, 4 * hidden);
   const c10::cuda::CUDAGuard guard(c_prev.device());
   auto h = at::empty({batch, hidden}, c_prev.options());
   auto c = at::empty({batch, hidden}, c_prev.options());
   auto gates = at::empty({batch, 4 * hidden}, c_prev.options());
-  if (batch * hidden > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_prev.scalar_type(), "lstm_cell_forward", [&] {
-      lstm_forward_kernel<scalar_t><<<blocks_for(batch * hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          gx.data_ptr<scalar_t>(), gx.stride(0), gh.data_ptr<scalar_t>(), gh.stride(0), c_prev.data_ptr<scalar_t>(),
-          c_prev.stride(0), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), batch, hidden);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_prev.scalar_type(), "lstm_cell_forward", [&] {
+    launch(lstm_forward_kernel<scalar_t>, batch * hidden, gx.data_ptr<scalar_t>(), gx.stride(0), gh.data_ptr<scalar_t>(),
+           gh.stride(0), c_prev.data_ptr<scalar_t>(), c_prev.stride(0), h.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+           gates.data_ptr<scalar_t>(), batch, hidden);
+  });
   return {h, c, gates};
 }
 
 std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& gates,
                                            const at::Tensor& c_prev, const at::Tensor& c) {
-  TORCH_CHECK(c.dim() == 2, "c must be 2-D [batch, hidden], got ", c.sizes());
+  check_state(c, "c");
   const int64_t batch = c.size(0), hidden = c.size(1);
   check_contiguous(c, "c", c, batch, hidden);
   check_contiguous(grad_h, "grad_h", c, batch, hidden);
@@ -192,55 +211,41 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
   const c10::cuda::CUDAGuard guard(c.device());
   auto grad_gates = at::empty({batch, 4 * hidden}, c.options());
   auto grad_c_prev = at::empty({batch, hidden}, c.options());
-  if (batch * hidden > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "lstm_cell_backward", [&] {
-      lstm_backward_kernel<scalar_t><<<blocks_for(batch * hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-          c_prev.data_ptr<scalar_t>(), c_prev.stride(0), c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>(),
-          grad_c_prev.data_ptr<scalar_t>(), batch, hidden);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "lstm_cell_backward", [&] {
+    launch(lstm_backward_kernel<scalar_t>, batch * hidden, grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(),
+           gates.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), c_prev.stride(0), c.data_ptr<scalar_t>(),
+           grad_gates.data_ptr<scalar_t>(), grad_c_prev.data_ptr<scalar_t>(), batch, hidden);
+  });
   return {grad_gates, grad_c_prev};
 }
 
 std::vector<at::Tensor> gru_cell_forward(const at::Tensor& gx, const at::Tensor& gh, const at::Tensor& h_prev) {
-  TORCH_CHECK(h_prev.dim() == 2, "h_prev must be 2-D [batch, hidden], got ", h_prev.sizes());
+  check_forward_inputs(gx, gh, h_prev, "h_prev", 3);
   const int64_t batch = h_prev.size(0), hidden = h_prev.size(1);
-  check_rows(h_prev, "h_prev", h_prev, batch, hidden);
-  check_rows(gx, "gx", h_prev, batch, 3 * hidden);
-  check_rows(gh, "gh", h_prev, batch, 3 * hidden);
   const c10::cuda::CUDAGuard guard(h_prev.device());
   auto h = at::empty({batch, hidden}, h_prev.options());
   auto saved = at::empty({batch, 4 * hidden}, h_prev.options());
-  if (batch * hidden > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(), "gru_cell_forward", [&] {
-      gru_forward_kernel<scalar_t><<<blocks_for(batch * hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          gx.data_ptr<scalar_t>(), gx.stride(0), gh.data_ptr<scalar_t>(), gh.stride(0), h_prev.data_ptr<scalar_t>(),
-          h_prev.stride(0), h.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), batch, hidden);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(), "gru_cell_forward", [&] {
+    launch(gru_forward_kernel<scalar_t>, batch * hidden, gx.data_ptr<scalar_t>(), gx.stride(0), gh.data_ptr<scalar_t>(),
+           gh.stride(0), h_prev.data_ptr<scalar_t>(), h_prev.stride(0), h.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
+           batch, hidden);
+  });
   return {h, saved};
 }
 
 std::vector<at::Tensor> gru_cell_backward(const at::Tensor& grad_h, const at::Tensor& saved, const at::Tensor& h_prev) {
-  TORCH_CHECK(h_prev.dim() == 2, "h_prev must be 2-D [batch, hidden], got ", h_prev.sizes());
+  check_state(h_prev, "h_prev");
   const int64_t batch = h_prev.size(0), hidden = h_prev.size(1);
-  check_rows(h_prev, "h_prev", h_prev, batch, hidden);
   check_contiguous(grad_h, "grad_h", h_prev, batch, hidden);
   check_contiguous(saved, "saved", h_prev, batch, 4 * hidden);
   const c10::cuda::CUDAGuard guard(h_prev.device());
   auto grad_gx = at::empty({batch, 3 * hidden}, h_prev.options());
   auto grad_gh = at::empty({batch, 3 * hidden}, h_prev.options());
   auto grad_h_prev = at::empty({batch, hidden}, h_prev.options());
-  if (batch * hidden > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(), "gru_cell_backward", [&] {
-      gru_backward_kernel<scalar_t><<<blocks_for(batch * hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          grad_h.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(), h_prev.stride(0),
-          grad_gx.data_ptr<scalar_t>(), grad_gh.data_ptr<scalar_t>(), grad_h_prev.data_ptr<scalar_t>(), batch, hidden);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(), "gru_cell_backward", [&] {
+    launch(gru_backward_kernel<scalar_t>, batch * hidden, grad_h.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
+           h_prev.data_ptr<scalar_t>(), h_prev.stride(0), grad_gx.data_ptr<scalar_t>(), grad_gh.data_ptr<scalar_t>(),
+           grad_h_prev.data_ptr<scalar_t>(), batch, hidden);
+  });
   return {grad_gx, grad_gh, grad_h_prev};
 }

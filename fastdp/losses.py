@@ -5,7 +5,7 @@ sample alone. Hugging Face's built-in loss (``model(..., labels=labels).loss``) 
 valid tokens of the *batch*: sample i's weight is 1 / (valid tokens in the whole batch), so
 adding or removing another sample rescales every unclipped gradient and the sensitivity is no
 longer the clipping bound. The helpers here average each sample over its own valid tokens
-(labels equal to ``ignore_index``, -100 by default, are left out), then over the batch:
+(labels equal to ``ignore_index``, -100 by default, are left out), then over the batch::
 
     logits = model(input_ids=ids, attention_mask=mask).logits      # no labels=
     loss = per_sample_lm_loss(logits, labels, shift_labels=True)   # causal LM: token t predicts t+1

@@ -124,7 +124,7 @@ def test_cli_bad_flag_is_a_one_line_error_naming_it(capsys):
         main(["audit", "--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "5"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""
-    assert captured.err.strip().splitlines()[-1] == "fastdp: error: --sample-rate: sample_rate must be in (0, 1], got 1.5"
+    assert captured.err.strip().splitlines()[-1] == "fastdp audit: error: --sample-rate must be in (0, 1], got 1.5"
 
 
 def test_cli_plot(tmp_path, capsys):

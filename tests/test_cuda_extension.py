@@ -40,6 +40,47 @@ def test_without_gpu_nothing_is_registered_and_the_torch_path_runs(monkeypatch, 
     assert "run the pure-torch path" in caplog.text
 
 
+def test_implementations_fall_back_to_the_given_references_off_gpu(monkeypatch):
+    """What fastdp.csrc hands to fastdp.ops: one implementation per cell op, each running the torch
+    reference it was given for tensors the extension cannot take (CPU here)."""
+    import fastdp.csrc as csrc
+
+    references = {"lstm_cell_pointwise": lstm_cell_pointwise.torch_reference,
+                  "gru_cell_pointwise": gru_cell_pointwise.torch_reference}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert csrc.implementations(references) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, but CPU tensors
+    impls = csrc.implementations(references)
+    assert set(impls) == set(references)
+    gx, gh, c = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 2)
+    assert impls["lstm_cell_pointwise"].resolve(gx) is references["lstm_cell_pointwise"]
+    for got, expected in zip(impls["lstm_cell_pointwise"](gx, gh, c), references["lstm_cell_pointwise"](gx, gh, c)):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(impls["gru_cell_pointwise"](gx[:, :6], gh[:, :6], c),
+                               references["gru_cell_pointwise"](gx[:, :6], gh[:, :6], c))
+
+
+def test_ops_register_what_the_extension_hands_over(monkeypatch):
+    import copy
+
+    import fastdp.csrc as csrc
+    from fastdp import ops
+
+    monkeypatch.setattr(ops, "_IMPLS", copy.deepcopy(ops._IMPLS))
+    monkeypatch.setattr(ops, "_kernels_loaded", False)
+    handed = {}
+
+    def implementations(references):
+        handed.update(references)
+        return {"gru_cell_pointwise": "the extension's kernel"}
+
+    monkeypatch.setattr(csrc, "implementations", implementations)
+    ops.load_kernels()
+    assert handed["gru_cell_pointwise"] is gru_cell_pointwise.torch_reference  # every declared op's reference
+    assert set(handed) == set(ops.declared_ops())
+    assert ops._IMPLS["gru_cell_pointwise"]["cuda"] == "the extension's kernel"
+
+
 # -- on a GPU ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def extension():

@@ -6,28 +6,32 @@ tests/compile_kernels_sm90.py, which also prints registers, spills and shared me
 kernel). The compile runs in a subprocess with the interpreter off: this session sets
 TRITON_INTERPRET=1 (tests/conftest.py), and kernels/_triton_utils.py patches the
 interpreter when imported under it.
+
+Marked ``compile``: minutes of CPU (ptxas for every variant), so the README's test command
+deselects it and .ci/run runs it in a step of its own (``python -m pytest -m compile tests``).
 """
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .subprocesses import run
+
 pytest.importorskip("triton")
+pytestmark = pytest.mark.compile
 
 SCRIPT = Path(__file__).with_name("compile_kernels_sm90.py")
 SKIP_STATUS = 77
 
 
-def run_script(tmp_path, *args, code=None, timeout=240):
+def run_script(tmp_path, *args, code=None, timeout=1200):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTDP_SM90_CACHE_DIR"] = str(tmp_path / "triton-cache")  # fresh: every variant really runs ptxas
     command = [sys.executable, "-c", code] if code else [sys.executable, str(SCRIPT), *args]
-    result = subprocess.run(command, env=env, cwd=SCRIPT.parent, capture_output=True, text=True,
-                            timeout=timeout, check=False)
+    result = run(command, env=env, cwd=SCRIPT.parent, timeout=timeout)  # on timeout the compile workers die too
     if result.returncode == SKIP_STATUS:
         pytest.skip(result.stdout.strip().splitlines()[-1])
     return result

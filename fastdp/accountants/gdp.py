@@ -21,6 +21,8 @@ class GaussianAccountant(IAccountant):
         return "gdp"
 
     def get_mu(self, poisson: bool = True) -> float:
+        """μ of the whole history: Poisson subsampling, or (``poisson=False``) uniform subsampling
+        without replacement (Bu et al. 2020, Thm 3)."""
         mu_squared = mu_squared_poisson if poisson else mu_squared_uniform
         total = sum(
             mu_squared(noise_multiplier=sigma, sample_rate=q, steps=steps)
@@ -29,5 +31,6 @@ class GaussianAccountant(IAccountant):
         return math.sqrt(total)
 
     def get_epsilon(self, delta: float, poisson: bool = True) -> float:
+        """ε(δ) of μ-GDP with ``get_mu(poisson)``: an approximation that can be below the true ε."""
         delta = check_delta(delta)
         return eps_from_mu(mu=self.get_mu(poisson=poisson), delta=delta)

@@ -40,4 +40,6 @@ class RDPAccountant(IAccountant):
         return get_privacy_spent(orders=orders, rdp=np.asarray(rdp), delta=delta)
 
     def get_epsilon(self, delta: float, alphas: Optional[Sequence[float]] = None) -> float:
+        """An upper bound on ε(δ) for the whole history (0.0 if it is empty), at the best of ``alphas``
+        (default: orders 1.1–10.9 in steps of 0.1 and 12–63)."""
         return self.get_privacy_spent(delta=delta, alphas=alphas)[0]

@@ -17,6 +17,7 @@ def register_accountant(name: str, cls: Type[IAccountant]) -> None:
 
 
 def available_accountants():
+    """The names ``create_accountant`` accepts, sorted (the built-in "gdp", "pld", "prv", "rdp" and any registered)."""
     return sorted(_ACCOUNTANTS)
 
 

@@ -1,7 +1,7 @@
 """``fastdp audit``: train a tiny model with canaries and print ε_lower beside ε_upper.
 
-``add_parser(subparsers)`` registers the subcommand on the ``fastdp`` parser; ``main(args)`` runs
-it. One row per (σ, fault, seed), so one command gives a whole table. Errors name the flag.
+``add_arguments(parser)`` declares its flags on the ``fastdp audit`` parser (an entry of
+``fastdp.cli.COMMANDS``); ``main(args)`` runs it. One row per (σ, fault, seed), so one command gives a whole table. Errors name the flag.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ MODELS = ("linear", "mlp")  # fastdp.audit.tasks.MODELS, repeated so building th
 KINDS = ("gradient", "input")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "audit",
-        help="empirical privacy audit: an epsilon lower bound from one training run (Steinke et al. 2023)",
-        description="Train a tiny model on synthetic data with m canaries (each included with probability 1/2), "
-        "guess which went in, and print the epsilon lower bound this proves beside the accountants' epsilon.",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train a tiny model on synthetic data with m canaries (each included with probability 1/2), guess which "
+        "went in, and print the epsilon lower bound this proves beside the accountants' epsilon."
     )
     parser.add_argument("--model", choices=MODELS, default="mlp", help="built-in tiny model (default mlp)")
     parser.add_argument("--noise-multiplier", type=float, nargs="+", required=True, help="sigma (several: one row each)")
@@ -37,19 +35,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="break the DP step on purpose: none, no-clipping, noise-scale=F (several: one row each)",
     )
     parser.add_argument("--plot", metavar="PATH", help="write a score histogram (needs matplotlib); PATH gets -N per row when there are several")
-    parser.set_defaults(run=main)
-    return parser
-
-
-def _flag(message: str) -> str:
-    """'noise_multiplier must be ...' → '--noise-multiplier: noise_multiplier must be ...'."""
-    names = {
-        "noise_multiplier": "--noise-multiplier", "sample_rate": "--sample-rate", "steps": "--steps",
-        "max_grad_norm": "--max-grad-norm", "canaries": "--canaries", "delta": "--delta",
-        "confidence": "--confidence", "lr": "--lr", "fault": "--fault", "dataset": "--samples",
-    }
-    first = message.split(" ", 1)[0]
-    return f"{names[first]}: {message}" if first in names else message
 
 
 def _cell(value: float) -> str:
@@ -61,21 +46,18 @@ def main(args) -> None:
     from .tasks import tiny_task
 
     if args.samples < 1:
-        raise ValueError(f"--samples: must be >= 1, got {args.samples}")
-    rows = []
-    try:
-        for sigma in args.noise_multiplier:
-            for fault in args.fault:
-                for seed in args.seeds:
-                    model, data = tiny_task(args.model, num_samples=args.samples, seed=seed)
-                    result = run_audit(
-                        model, data, noise_multiplier=sigma, sample_rate=args.sample_rate, steps=args.steps,
-                        max_grad_norm=args.max_grad_norm, canaries=args.canaries, kind=args.kind, lr=args.lr,
-                        delta=args.delta, confidence=args.confidence, seed=seed, fault=fault,
-                    )
-                    rows.append((fault, seed, result))
-    except ValueError as error:
-        raise ValueError(_flag(str(error))) from None
+        raise ValueError(f"samples must be >= 1, got {args.samples}")
+    rows = []  # a ValueError names its Python argument; fastdp.cli rewrites it as the flag
+    for sigma in args.noise_multiplier:
+        for fault in args.fault:
+            for seed in args.seeds:
+                model, data = tiny_task(args.model, num_samples=args.samples, seed=seed)
+                result = run_audit(
+                    model, data, noise_multiplier=sigma, sample_rate=args.sample_rate, steps=args.steps,
+                    max_grad_norm=args.max_grad_norm, canaries=args.canaries, kind=args.kind, lr=args.lr,
+                    delta=args.delta, confidence=args.confidence, seed=seed, fault=fault,
+                )
+                rows.append((fault, seed, result))
     names = list(rows[0][2].epsilon_upper)
     print(f"fastdp audit: model={args.model} kind={args.kind} m={args.canaries} q={args.sample_rate:g} "
           f"steps={args.steps} C={args.max_grad_norm:g} delta={args.delta:g} confidence={args.confidence:g}")

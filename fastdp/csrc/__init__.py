@@ -1,10 +1,11 @@
-"""fastdp's CUDA extension (sources in the repository's csrc/): loading it and registering its ops.
+"""fastdp's CUDA extension (sources in the repository's csrc/): loading it, and its ops' implementations.
 
 ``fastdp.ops.load_kernels`` imports this package on first need (a CUDA tensor, or
-FASTDP_BACKEND=cuda). Without a GPU it registers nothing and logs that the pure-torch path
-runs. With one, it registers the ``cuda`` implementations of ``lstm_cell_pointwise`` and
-``gru_cell_pointwise``; the extension itself is loaded on their first call, so only models
-with recurrent layers pay for it:
+FASTDP_BACKEND=cuda) and registers what ``implementations`` returns; this package imports
+nothing from ``fastdp.ops`` (the dispatch point depends on its providers, not the other way).
+Without a GPU there are none, and a log line says the pure-torch path runs. With one, they are
+the ``cuda`` implementations of ``lstm_cell_pointwise`` and ``gru_cell_pointwise``; the
+extension itself is loaded on their first call, so only models with recurrent layers pay for it:
 
 1. ``fastdp._C``, built by setup.py where CUDA torch and nvcc are present
    (``pip install --no-build-isolation -e .`` builds it in place);
@@ -19,11 +20,10 @@ import importlib
 import logging
 import time
 from pathlib import Path
+from typing import Callable, Dict
+
 import torch
 from torch.autograd.function import once_differentiable
-
-from ..ops import register_impl
-from ..ops.rnn_cells import gru_cell_pointwise, lstm_cell_pointwise
 
 logger = logging.getLogger(__name__)
 
@@ -124,37 +124,36 @@ class GRUCellFunction(torch.autograd.Function):
         return tuple(load_extension().gru_cell_backward(grad_h.to(h_prev.dtype).contiguous(), saved, h_prev))
 
 
-def lstm_cell_cuda(gx: torch.Tensor, gh: torch.Tensor, c_prev: torch.Tensor):
-    """``lstm_cell_pointwise`` by the fused kernel (the torch reference off-GPU or without the extension)."""
-    if not (gx.is_cuda and load_extension() is not None):
-        return lstm_cell_pointwise.torch_reference(gx, gh, c_prev)
-    return LSTMCellFunction.apply(gx, gh, c_prev)
+def _kernel_or(function, reference: Callable) -> Callable:
+    """``function.apply`` on CUDA tensors once the extension loads, else ``reference`` (exact).
+
+    Its ``resolve(gx)`` says which of the two runs: ``fastdp.ops.rnn_cells.cell_impl`` asks once
+    per sequence, so the recurrence calls the kernel (or the reference) directly and the layers
+    log the true choice."""
+
+    def resolve(gx: torch.Tensor) -> Callable:
+        return function.apply if gx.is_cuda and load_extension() is not None else reference
+
+    def implementation(gx: torch.Tensor, gh: torch.Tensor, state: torch.Tensor):
+        return resolve(gx)(gx, gh, state)
+
+    implementation.resolve = resolve
+    return implementation
 
 
-def gru_cell_cuda(gx: torch.Tensor, gh: torch.Tensor, h_prev: torch.Tensor):
-    """``gru_cell_pointwise`` by the fused kernel (the torch reference off-GPU or without the extension)."""
-    if not (gx.is_cuda and load_extension() is not None):
-        return gru_cell_pointwise.torch_reference(gx, gh, h_prev)
-    return GRUCellFunction.apply(gx, gh, h_prev)
+def implementations(references: Dict[str, Callable]) -> Dict[str, Callable]:
+    """The ``cuda`` implementations by op name, for ``fastdp.ops`` to register: none without a GPU.
 
-
-# ``fastdp.ops.rnn_cells.cell_impl`` asks once per sequence which function really runs, so the
-# recurrence calls the kernel (or the reference) directly and the layers log the true choice.
-def _resolver(kernel, reference):
-    return lambda gx: kernel if gx.is_cuda and load_extension() is not None else reference
-
-
-lstm_cell_cuda.resolve = _resolver(LSTMCellFunction.apply, lstm_cell_pointwise.torch_reference)
-gru_cell_cuda.resolve = _resolver(GRUCellFunction.apply, gru_cell_pointwise.torch_reference)
+    ``references``: each op's torch reference by name, run where the extension cannot load."""
+    if not torch.cuda.is_available():
+        logger.info("fastdp.csrc: no GPU; the CUDA extension is not loaded and LSTM/GRU cells run the pure-torch path")
+        return {}
+    return {
+        "lstm_cell_pointwise": _kernel_or(LSTMCellFunction, references["lstm_cell_pointwise"]),
+        "gru_cell_pointwise": _kernel_or(GRUCellFunction, references["gru_cell_pointwise"]),
+    }
 
 
 def extension_available() -> bool:
     """Whether the fused kernels can run here (loads or builds the extension on first call)."""
     return torch.cuda.is_available() and load_extension() is not None
-
-
-if torch.cuda.is_available():
-    register_impl("lstm_cell_pointwise", "cuda", lstm_cell_cuda)
-    register_impl("gru_cell_pointwise", "cuda", gru_cell_cuda)
-else:
-    logger.info("fastdp.csrc: no GPU; the CUDA extension is not loaded and LSTM/GRU cells run the pure-torch path")

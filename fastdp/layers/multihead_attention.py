@@ -47,7 +47,13 @@ def _float_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> 
 
 
 class DPMultiheadAttention(nn.Module):
-    """nn.MultiheadAttention (same arguments, parameters, state_dict and outputs) for DP training."""
+    """nn.MultiheadAttention (same arguments, parameters, state_dict and outputs) for DP training.
+
+    ``ModuleValidator.fix(model)`` swaps torch's layer for this one with the same weights
+    (``from_module``). Its in-projection (packed or separate q/k/v weights, ``bias_k``/``bias_v``)
+    is clipped per sample as linear layers over the positions and ``out_proj`` by the Linear
+    rule, so the GradSampleModule's ``batch_first`` must match this layer's.
+    """
 
     def __init__(
         self,
@@ -153,6 +159,16 @@ class DPMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As nn.MultiheadAttention's forward: ``(attn_output, attn_weights or None)``.
+
+        ``query`` ``[L, N, E]`` (``[N, L, E]`` with ``batch_first``, ``[L, E]`` unbatched), ``key``
+        and ``value`` likewise with length S; ``key_padding_mask``, ``attn_mask``,
+        ``need_weights``, ``average_attn_weights`` and ``is_causal`` as in torch.
+
+        Raises:
+            ValueError: inputs that torch refuses too (query, key and value not all 3-D or all 2-D,
+                mask shapes, ``is_causal`` without ``attn_mask``), naming the argument.
+        """
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
                 "query, key and value must all be 3-D (batched) or all 2-D (unbatched), got "

@@ -56,7 +56,13 @@ def _cell(mode: str, gates: torch.Tensor):
 
 
 class DPRNNBase(nn.Module):
-    """The shared machinery of DPLSTM, DPGRU and DPRNN (``mode`` as nn.RNNBase: LSTM, GRU, RNN_TANH, RNN_RELU)."""
+    """The shared machinery of DPLSTM, DPGRU and DPRNN (``mode`` as nn.RNNBase: LSTM, GRU, RNN_TANH, RNN_RELU).
+
+    Use the subclasses, or ``ModuleValidator.fix(model)``, which swaps torch's layers for them
+    with the same weights (``from_module``). Under ``PrivacyEngine.make_private`` their weights
+    are clipped per sample as linear layers over the time steps (``fastdp.engine.rules.rnn``);
+    outside it they are plain recurrent layers (computed one time step at a time, without cuDNN).
+    """
 
     def __init__(
         self,
@@ -137,6 +143,7 @@ class DPRNNBase(nn.Module):
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
+        """The parameters per layer and direction, in nn.RNNBase's order (as its ``all_weights``)."""
         return [[getattr(self, n) for n in names.values() if n is not None] for names in self._cell_names]
 
     def extra_repr(self) -> str:
@@ -178,6 +185,18 @@ class DPRNNBase(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, input, hx=None):
+        """As the torch layer's forward: ``(output, h_n)``, for an LSTM ``(output, (h_n, c_n))``.
+
+        Args:
+            input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``),
+                ``[T, input_size]`` unbatched, or a PackedSequence (its padded steps get exactly
+                zero gradient, and ``h_n`` is each sample's state at its last step).
+            hx: the initial state, ``h_0`` ``[num_layers·directions, B, hidden_size]`` (for an
+                LSTM the pair ``(h_0, c_0)``); zeros when None.
+
+        Raises:
+            ValueError: for an input of the wrong rank, feature size or with no time step.
+        """
         packed = isinstance(input, PackedSequence)
         if packed:
             x, lengths = pad_packed_sequence(input, batch_first=True)  # the caller's batch order
@@ -336,7 +355,12 @@ class DPRNNBase(nn.Module):
 
 
 class DPLSTM(DPRNNBase):
-    """nn.LSTM (same arguments, parameters, state_dict and outputs) for DP training."""
+    """nn.LSTM (same arguments, parameters, state_dict and outputs) for DP training.
+
+    ``proj_size`` (LSTM with projections) is supported; the projection weight is clipped like
+    the others. On a GPU the cell's pointwise step runs a fused CUDA kernel when the extension
+    builds (``csrc/``), else torch ops; the log says which (logger ``fastdp.layers.rnn``).
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None):
@@ -349,7 +373,11 @@ class DPLSTM(DPRNNBase):
 
 
 class DPGRU(DPRNNBase):
-    """nn.GRU (same arguments, parameters, state_dict and outputs) for DP training."""
+    """nn.GRU (same arguments, parameters, state_dict and outputs) for DP training.
+
+    On a GPU the cell's pointwise step runs a fused CUDA kernel when the extension builds
+    (``csrc/``), else torch ops; the log says which (logger ``fastdp.layers.rnn``).
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None):
@@ -358,7 +386,11 @@ class DPGRU(DPRNNBase):
 
 
 class DPRNN(DPRNNBase):
-    """nn.RNN (tanh or relu; same arguments, parameters, state_dict and outputs) for DP training."""
+    """nn.RNN (tanh or relu; same arguments, parameters, state_dict and outputs) for DP training.
+
+    Raises:
+        ValueError: ``nonlinearity`` other than ``"tanh"`` or ``"relu"``.
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None):

@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import logging
 import os
+import pkgutil
 from typing import Callable, Dict
 
 import torch
@@ -62,24 +63,36 @@ _kernels_loaded = False
 _fallbacks_logged: set = set()
 
 
-def load_kernels() -> None:
-    """Import the kernel packages once; each kernel module registers itself on import.
+def declared_ops() -> list:
+    """Every op's name, after importing every module of this package (each declares its ops)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return sorted(_IMPLS)
 
-    Triton kernels (``fastdp.kernels``) load when triton is installed; the CUDA
-    extension registers its ops from ``fastdp.csrc`` when it can be built or loaded.
-    Called on first need (a CUDA tensor, or FASTDP_BACKEND=triton|cuda), so CPU
-    users never pay for the import.
+
+def load_kernels() -> None:
+    """Register the kernels once: every op is declared first, then its implementations added.
+
+    Triton kernels (``fastdp.kernels``) register themselves on import, when triton is installed;
+    the CUDA extension (``fastdp.csrc``, which imports nothing from here) hands over its
+    implementations, given the torch references it falls back to where it cannot load.
+    Called on first need (a CUDA tensor, or FASTDP_BACKEND=triton|cuda), so CPU users never
+    pay for the import.
     """
     global _kernels_loaded
     if _kernels_loaded:
         return
     _kernels_loaded = True
+    declared_ops()
     if importlib.util.find_spec("triton") is None:
         logger.info("fastdp: triton is not installed; ops run their torch references")
     else:
         importlib.import_module("fastdp.kernels")
     if importlib.util.find_spec("fastdp.csrc") is not None:
-        importlib.import_module("fastdp.csrc")
+        csrc = importlib.import_module("fastdp.csrc")
+        references = {name: impls["torch"] for name, impls in _IMPLS.items()}
+        for name, impl in csrc.implementations(references).items():
+            register_impl(name, "cuda", impl)
 
 
 def select_impl(name: str, *args) -> Callable:

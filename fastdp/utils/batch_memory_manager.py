@@ -56,7 +56,30 @@ class _SignallingLoader:
 
 
 class BatchMemoryManager:
-    """``with BatchMemoryManager(data_loader=..., max_physical_batch_size=..., optimizer=...) as loader:``"""
+    """Split each (Poisson) batch into physical batches of at most ``max_physical_batch_size``.
+
+    ::
+
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=32, optimizer=optimizer) as batches:
+            for x, y in batches:
+                criterion(model(x), y).backward()
+                optimizer.step()       # a virtual step except after a logical batch's last chunk
+                optimizer.zero_grad()
+
+    The logical batch, not the physical one, is what is clipped, noised and accounted: the
+    clipped sums of its chunks accumulate in ``p.grad``, and only the step after its last
+    chunk adds noise and tells the accountant. Memory follows ``max_physical_batch_size``.
+
+    Args:
+        data_loader: the DP data loader from ``PrivacyEngine.make_private`` (not one with
+            ``padded_batch_size``: the chunks would undo the padding).
+        max_physical_batch_size: the largest batch a forward/backward pass sees, ≥ 1.
+        optimizer: the DPOptimizer from ``make_private``.
+
+    Raises:
+        ValueError: for a bad ``max_physical_batch_size``, an optimizer that is no DPOptimizer
+            or cannot take virtual steps, or a padded data loader.
+    """
 
     def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
         if not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1:

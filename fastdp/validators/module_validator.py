@@ -120,16 +120,33 @@ def instance_norm_without_running_stats(norm: _InstanceNorm, **_) -> nn.Module:
     return norm
 
 
+def _dp_layer(name: str) -> Fixer:
+    """The fixer that swaps a torch layer for its DP twin ``fastdp.layers.<name>`` (same weights).
+
+    ``fastdp.layers`` is imported when a model first needs it, not here: it imports this module."""
+
+    def fix(module: nn.Module, **_) -> nn.Module:
+        from .. import layers
+
+        return getattr(layers, name).from_module(module)
+
+    return fix
+
+
 class ModuleValidator:
     """Checks a model for modules DP training cannot handle, and fixes the fixable ones."""
 
-    #: module class (or base class) → fixer, applied by ``fix`` to every submodule of that class.
-    #: Extension point: ``fastdp.layers`` registers nn.LSTM / nn.GRU / nn.RNN / nn.MultiheadAttention
-    #: → DPLSTM / DPGRU / DPRNN / DPMultiheadAttention (same weights) here; their rules make the
-    #: torch layers errors until fixed (their fused forward hides the per-sample gradients).
+    #: module class (or base class) → fixer, applied by ``fix`` to every submodule of that class
+    #: (an extension point). nn.LSTM / nn.GRU / nn.RNN / nn.MultiheadAttention become DPLSTM /
+    #: DPGRU / DPRNN / DPMultiheadAttention; their rules make the torch layers errors until fixed
+    #: (their fused forward hides the per-sample gradients).
     FIXERS: Dict[type, Fixer] = {
         _BatchNorm: batch_norm_to_group_norm,
         _InstanceNorm: instance_norm_without_running_stats,
+        nn.LSTM: _dp_layer("DPLSTM"),
+        nn.GRU: _dp_layer("DPGRU"),
+        nn.RNN: _dp_layer("DPRNN"),
+        nn.MultiheadAttention: _dp_layer("DPMultiheadAttention"),
     }
 
     @classmethod
@@ -172,6 +189,7 @@ class ModuleValidator:
 
     @classmethod
     def is_valid(cls, module: nn.Module) -> bool:
+        """Whether ``validate`` finds nothing to object to."""
         return not cls.validate(module)
 
     @classmethod

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import optimize
-from scipy.stats import norm
+from scipy import optimize, special  # special.ndtr is scipy.stats.norm.cdf without importing scipy.stats (0.7 s)
 
 
 def _expm1_inverse_sq(noise_multiplier: float) -> float:
@@ -33,7 +32,7 @@ def mu_squared_uniform(*, noise_multiplier: float, sample_rate: float, steps: in
     sigma = noise_multiplier
     if sigma == 0:
         return math.inf
-    inner = math.exp(sigma**-2) * norm.cdf(1.5 / sigma) + 3 * norm.cdf(-0.5 / sigma) - 2 if sigma**-2 < 700 else math.inf
+    inner = math.exp(sigma**-2) * special.ndtr(1.5 / sigma) + 3 * special.ndtr(-0.5 / sigma) - 2 if sigma**-2 < 700 else math.inf
     return 2 * sample_rate**2 * steps * inner
 
 
@@ -41,7 +40,7 @@ def delta_from_mu(*, epsilon: float, mu: float) -> float:
     """δ(ε) of μ-GDP: Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2) (the second term in log space)."""
     if mu == 0:
         return 0.0
-    return float(norm.cdf(-epsilon / mu + mu / 2) - np.exp(epsilon + norm.logcdf(-epsilon / mu - mu / 2)))
+    return float(special.ndtr(-epsilon / mu + mu / 2) - np.exp(epsilon + special.log_ndtr(-epsilon / mu - mu / 2)))
 
 
 def eps_from_mu(*, mu: float, delta: float) -> float:

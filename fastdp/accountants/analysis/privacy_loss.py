@@ -56,7 +56,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import optimize, signal, special
+from scipy import optimize, special
 
 from .rdp import compute_rdp
 
@@ -709,9 +709,11 @@ class ComposedLoss:
 
     def __post_init__(self):
         if self.pmf is not None:
+            from scipy.signal import lfilter  # on first use: importing scipy.signal takes 0.8 s
+
             reversed_pmf = self.pmf[::-1]
             decay = [math.exp(-(self.tilt + x) * self.interval) for x in (0, 1)]
-            self._t0, self._t1 = (signal.lfilter([1.0], [1.0, -d], reversed_pmf)[::-1] for d in decay)
+            self._t0, self._t1 = (lfilter([1.0], [1.0, -d], reversed_pmf)[::-1] for d in decay)
 
     def _value(self, index: int) -> float:
         return (self.start + index) * self.interval
