@@ -222,11 +222,10 @@ def ghost_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Ten
         *tensors, partial, *scalars, **shape,
         BLOCK_T=block_t, BLOCK_K=_block(d, MAX_BLOCK_PK), BLOCK_P=_block(p, MAX_BLOCK_PK),
     )
-    upper = rounding.ghost_norm_sq_upper(
+    return rounding.ghost_norm_sq_upper(
         partial.view(x.shape[0], -1).sum(1), rounding.conv_term_mass(x, g, kernel_size, stride, dilation, groups),
         dot_fp32_error(d, x.dtype), dot_fp32_error(p, g.dtype), rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]),
     )
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def direct_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
@@ -240,11 +239,10 @@ def direct_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Te
         *tensors, partial, *scalars, **shape,
         STORE_GRAD=False, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=_block(T, MAX_BLOCK_T),
     )
-    upper = rounding.direct_norm_sq_upper(
+    return rounding.direct_norm_sq_upper(
         partial.view(x.shape[0], -1).sum(1), rounding.conv_term_mass(x, g, kernel_size, stride, dilation, groups),
         dot_fp32_error(T, x.dtype), rounding.gamma(groups * p * d, rounding.UNIT_ROUNDOFF[torch.float64]),
     )
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:

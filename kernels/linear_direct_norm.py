@@ -45,11 +45,11 @@ _launch = Launcher(_linear_direct_norm_kernel, PER_SAMPLE_TILE_CONFIGS, key=["d"
                    interpreter_config=PER_SAMPLE_TILE_INTERPRETER, reset_to_zero=["partials_ptr"])
 
 
-def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
     """||g_iᵀ a_i||²_F per sample: float32 [B], without writing any per-sample gradient."""
     check_activations(a, g)
     if not kernel_handles(a, g):
-        return _ops.linear_norm_sq_direct.torch_reference(a, g)
+        return _ops.linear_norm_sq_direct.torch_reference(a, g, mass=mass)
     check_device(a, g)
     B, T, d = a.shape
     p = g.shape[-1]
@@ -57,9 +57,9 @@ def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     partials = torch.zeros(B, max_tiles, dtype=torch.float64, device=a.device)
     grid = lambda meta: (B, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _launch(grid, a, g, partials, T, d, p, *a.stride(), *g.stride(), partials.stride(0))
-    upper = rounding.direct_norm_sq_upper(partials.sum(1), rounding.term_mass(a, g), dot_fp32_error(T, a.dtype),
+    mass = rounding.term_mass(a, g) if mass is None else mass
+    return rounding.direct_norm_sq_upper(partials.sum(1), mass, dot_fp32_error(T, a.dtype),
                                           rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]))
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @triton.jit
@@ -83,20 +83,20 @@ _BIAS_BLOCKS = ({"BLOCK_T": INTERPRETER_BLOCK, "BLOCK_P": INTERPRETER_BLOCK} if 
                 else {"BLOCK_T": 32, "BLOCK_P": 128})
 
 
-def linear_bias_norm_sq(g: torch.Tensor) -> torch.Tensor:
+def linear_bias_norm_sq(g: torch.Tensor, mass=None) -> torch.Tensor:
     """||Σ_t g_it||² per sample: float32 [B]."""
     if g.dim() != 3:
         raise ValueError(f"g must be [B, T, p], got shape {tuple(g.shape)} (reshape to the sequence view first)")
     if not kernel_handles(g):
-        return _ops.linear_bias_norm_sq.torch_reference(g)
+        return _ops.linear_bias_norm_sq.torch_reference(g, mass=mass)
     check_device(g)
     B, T, p = g.shape
     tiles = triton.cdiv(p, _BIAS_BLOCKS["BLOCK_P"])
     partials = torch.empty(B, tiles, dtype=torch.float64, device=g.device)
     _linear_bias_norm_kernel[(B, tiles)](g, partials, T, p, *g.stride(), **_BIAS_BLOCKS)
-    upper = rounding.direct_norm_sq_upper(partials.sum(1), rounding.bias_term_mass(g), rounding.gamma(T + 8),
+    mass = rounding.bias_term_mass(g) if mass is None else mass
+    return rounding.direct_norm_sq_upper(partials.sum(1), mass, rounding.gamma(T + 8),
                                           rounding.gamma(p, rounding.UNIT_ROUNDOFF[torch.float64]))
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 register_impl("linear_norm_sq_direct", "triton", linear_norm_sq_direct)

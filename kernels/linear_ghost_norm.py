@@ -100,12 +100,12 @@ def _goodfellow_norm_kernel(a_ptr, g_ptr, out_ptr, d, p, stride_ab, stride_ad, s
 _GOODFELLOW_BLOCK = INTERPRETER_BLOCK if use_interpreter() else 1024
 
 
-def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
     """An upper bound of ||g_iᵀ a_i||²_F per sample from <a_i a_iᵀ, g_i g_iᵀ>, no T×T matrix in memory:
     the kernel's value plus its rounding bound (``fastdp.ops.rounding``), float32 [B]."""
     check_activations(a, g)
     if not kernel_handles(a, g):
-        return _ops.linear_norm_sq_ghost.torch_reference(a, g)
+        return _ops.linear_norm_sq_ghost.torch_reference(a, g, mass=mass)
     check_device(a, g)
     B, T, d = a.shape
     p = g.shape[-1]
@@ -122,9 +122,8 @@ def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
                 BLOCK_T=block_t)
         value = partials.sum(1)
         errors = dot_fp32_error(d, a.dtype), dot_fp32_error(p, g.dtype)
-    upper = rounding.ghost_norm_sq_upper(value, rounding.term_mass(a, g), *errors,
+    return rounding.ghost_norm_sq_upper(value, rounding.term_mass(a, g) if mass is None else mass, *errors,
                                          rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]))
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 register_impl("linear_norm_sq_ghost", "triton", linear_norm_sq_ghost)

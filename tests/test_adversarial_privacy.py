@@ -228,13 +228,17 @@ class Siamese(nn.Module):
 
 
 def siamese_batch(ratio):
+    """The last sample's two inputs differ by ε = 10·C in one coordinate, its uses' gradients are each
+    ratio times larger; δ in the other coordinate makes the float32 Gram x1·x2 = M² + 600 round up to
+    M² + 1024, so the cross term swamps ε² without its bound."""
     generator = torch.Generator().manual_seed(3)
     x1, x2 = torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator)
     target = torch.randn(5, 8, generator=generator) * 0.3
     x1[-1] = 0
     x1[-1, 0] = ratio * 10 * C
+    x1[-1, 1] = 20 * C
     x2[-1] = x1[-1]
-    x2[-1, 1] = 10 * C  # G = v ⊗ (x1 − x2) = −10·C v ⊗ e_1; each use ratio times larger
+    x2[-1, 1] = 30 * C  # G = v ⊗ (x1 − x2) = −10·C v ⊗ e_1
     target[-1] = torch.ones(8) / math.sqrt(8)
     return x1, x2, target
 
@@ -273,11 +277,12 @@ def tied_batch(ratio):
     m, eps = ratio * 10 * C, 10 * C
     ids[-1] = 2
     target[-1] = 0
-    target[-1, 0, 0] = m  # lookup of row 2: gradient e_2 ⊗ (M, 0, 0, 0)
+    target[-1, 0, 0] = m  # lookup of row 2: gradient e_2 ⊗ (M, 3ε, 0, 0)
+    target[-1, 0, 1] = 3 * eps
     target[-1, 0, 4 + 2] = -1.0  # head, output row 2: gradient −e_2 ⊗ x
     x[-1] = 0
     x[-1, 0, 0] = m
-    x[-1, 0, 1] = -eps  # sum: e_2 ⊗ (0, ε, 0, 0)
+    x[-1, 0, 1] = 2 * eps  # sum: e_2 ⊗ (0, ε, 0, 0); the float32 cross Gram M² + 600 rounds to M² + 1024
     return ids, x, target
 
 

@@ -71,7 +71,7 @@ def test_weight_norms_match_reference(shape, dtype):
                        (linear_ghost_norm.linear_norm_sq_ghost, linear_ops.linear_norm_sq_ghost)):
         expected = op.torch_reference(a, g)
         norms = kernel(a, g)
-        assert norms.dtype == expected.dtype == torch.float32
+        assert norms.dtype == expected.dtype == torch.float64
         assert_within(norms, expected, scale)
 
 
@@ -80,7 +80,7 @@ def test_bias_norm_matches_reference(shape, dtype):
     _, g, _ = random_inputs(shape, dtype)
     expected = linear_ops.linear_bias_norm_sq.torch_reference(g)
     norms = linear_direct_norm.linear_bias_norm_sq(g)
-    assert norms.dtype == expected.dtype == torch.float32
+    assert norms.dtype == expected.dtype == torch.float64
     assert_within(norms, expected, linear_ops.linear_bias_norm_sq.torch_reference(g.abs()))
 
 

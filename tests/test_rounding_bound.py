@@ -141,23 +141,30 @@ def test_slack_bounds_the_actual_rounding_error_of_the_clipped_gemm():
 
 
 def test_norms_are_computed_without_tf32(monkeypatch):
-    """A norm rounded to TF32 could come out too small (and its clip factor too large)."""
+    """A norm rounded to TF32 could come out too small (and its clip factor too large); the slack, in turn,
+    is set for the TF32 setting the clipped sum runs under."""
     seen = []
-    original = LinearRule.norm_sq_per_param
+    original = rounding.chunked_bmm
 
-    def recording(self, *args):
+    def recording(*args, **kwargs):
         seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
-        return original(self, *args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(LinearRule, "norm_sq_per_param", recording)
+    monkeypatch.setattr(rounding, "chunked_bmm", recording)
     previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-        module = nn.Linear(3, 2)
-        GradSampleModule(module, loss_reduction="sum", clipping=FlatClipping(C))(torch.randn(4, 3)).sum().backward()
-        assert seen == [("highest", False)]
+        module = nn.Linear(16, 16)  # T = 2 positions: the ghost norm
+        gsm = GradSampleModule(module, loss_reduction="sum", clipping=FlatClipping(C))
+        gsm(torch.randn(4, 2, 16)).sum().backward()
+        assert seen == [("highest", False)] * 2  # the two Grams of the ghost norm
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)  # restored
+        inputs, grad_output = (torch.randn(4, 2, 16),), torch.randn(4, 2, 16)
+        slack_tf32 = LinearRule().norm_bounds(module, inputs, grad_output)[1]["weight"]
+        torch.set_float32_matmul_precision("highest")
+        slack_ieee = LinearRule().norm_bounds(module, inputs, grad_output)[1]["weight"]
+        assert (slack_tf32 > 100 * slack_ieee).all()  # the GEMM's TF32 operands are in the slack
     finally:
         torch.set_float32_matmul_precision(previous[0])
         torch.backends.cudnn.allow_tf32 = previous[1]

@@ -153,7 +153,7 @@ def test_bf16_norms_are_fp32_and_close_to_fp32_result(config):
     expected = rule.norm_sq(module, (x,), grad_output)
     module16 = module.bfloat16()
     norms = rule.norm_sq(module16, (x.bfloat16(),), grad_output.bfloat16())
-    assert norms.dtype == torch.float32
+    assert norms.dtype == torch.float64  # upper bounds (fastdp.ops.rounding)
     torch.testing.assert_close(norms, expected, rtol=3e-2, atol=0)
     clipped = rule.clipped_grad(module16, (x.bfloat16(),), grad_output.bfloat16(), torch.rand(x.shape[0]))
     assert {g.dtype for g in clipped.values()} == {torch.bfloat16}

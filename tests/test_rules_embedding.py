@@ -38,12 +38,13 @@ def test_embedding_repeated_token_contributes_norm_of_sum():
     ids = torch.tensor([[1, 1, 2, 4], [1, 3, 3, 4]])
     grad_output = torch.randn(2, 4, 3)
     norms = get_rule(module).norm_sq(module, (ids,), grad_output)
-    g = grad_output
+    g = grad_output.double()
     expected = torch.stack([
         (g[0, 0] + g[0, 1]).square().sum() + g[0, 2].square().sum(),
         g[1, 0].square().sum() + (g[1, 1] + g[1, 2]).square().sum(),
     ])
-    torch.testing.assert_close(norms, expected)
+    assert (norms >= expected).all()  # upper bounds (fastdp.ops.rounding), tight for these tokens
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
     check_rule(module, ids)
 
 

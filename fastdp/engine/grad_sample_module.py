@@ -68,6 +68,11 @@ def _add_to_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
 #: Hugging Face models compute their own loss from ``labels=``; found by class name (no import)
 HF_PRETRAINED_MODEL = "transformers.modeling_utils.PreTrainedModel"
 _FALLBACK_WARNED: set = set()  # layer types already reported as running the torch.func fallback
+ROWS_FIX = (
+    "keep the batch dimension through every trainable layer (for inputs shared by the batch, index them per "
+    "sample, e.g. emb(ids.expand(B, -1)), rather than broadcasting the layer's output), freeze the layer "
+    "(requires_grad=False), or register a rule that maps its rows to samples"
+)
 
 
 class _Forward:
@@ -223,28 +228,25 @@ class GradSampleModule(nn.Module):
             forward = self._forward = _Forward(None)
         dim = 0 if self.batch_first or call.batch_first else 1
         rows = captured.shape[dim] if captured.dim() > dim else None
-        name = f"{self._names.get(id(call.module), 'a layer')} ({type(call.module).__name__})"
-        fix = (
-            "keep the batch dimension through every trainable layer (for inputs shared by the batch, index "
-            "them per sample, e.g. emb(ids.expand(B, -1)), rather than broadcasting the layer's output), "
-            "freeze the layer (requires_grad=False), or register a rule that maps its rows to samples"
-        )
         if not call.batch_first and not any(isinstance(x, torch.Tensor) for x in call.inputs):
             raise ValueError(
-                f"{name} computes a trainable tensor from its parameters alone (no input rows, e.g. a "
-                "parametrization such as weight_norm), so no sample's share of its gradient can be told apart; "
-                "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) or " + fix
+                f"{self._layer_name(call)} computes a trainable tensor from its parameters alone (no input rows, e.g. "
+                "a parametrization such as weight_norm), so no sample's share of its gradient can be told apart; "
+                "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) or " + ROWS_FIX
             )
         if forward.batch_size is None:
             forward.batch_size = rows
         elif rows != forward.batch_size:
             which = "first" if dim == 0 else "second (batch_first=False)"
             raise ValueError(
-                f"{name} was called on a tensor whose {which} dimension is {rows}, but the batch has "
+                f"{self._layer_name(call)} was called on a tensor whose {which} dimension is {rows}, but the batch has "
                 f"{forward.batch_size} samples (the model's first tensor argument): its rows are not samples, "
-                f"and clipping them would bound no sample's contribution; {fix}"
+                f"and clipping them would bound no sample's contribution; {ROWS_FIX}"
             )
         call.forward = forward
+
+    def _layer_name(self, call: ModuleCall) -> str:
+        return f"{self._names.get(id(call.module), 'a layer')} ({type(call.module).__name__})"
 
     def _expand_shared_indices(self, args: tuple) -> tuple:
         """Index inputs ``[1, T, ...]`` shared by a batch of B > 1 (position ids that the model
@@ -564,13 +566,12 @@ class _BackwardStep:
         outer factors of each use), raised by the clipped sums' rounding slack (``‖G_i‖ + s_i``)."""
         norm_sq, slack = {}, {}
         for call in self.rule_calls:
-            with rounding.ieee_fp32():
-                call_norm_sq = call.rule.norm_sq_per_param(call.module, call.inputs, call.grad_output)
+            call_norm_sq, call_slack = call.rule.norm_bounds(call.module, call.inputs, call.grad_output)
             for name, value in call_norm_sq.items():
                 key = id(call.params[name])
                 value = value.double() * self.scale**2
                 norm_sq[key] = norm_sq[key] + value if key in norm_sq else value
-            for name, value in call.rule.rounding_slack(call.module, call.inputs, call.grad_output).items():
+            for name, value in call_slack.items():
                 key = id(call.params[name])
                 value = value.double() * self.scale
                 slack[key] = slack[key] + value if key in slack else value

@@ -57,15 +57,15 @@ def _grouped_sequence_view(x, g, kernel_size, stride, dilation, groups):
 
 @op("conv_weight_norm_sq")
 def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Upper bounds of the per-sample squared weight-gradient norms, float32 [B] (sum over groups of the
+    """Upper bounds of the per-sample squared weight-gradient norms, float64 [B] (sum over groups of the
     linear ops' bounds), a chunk of samples at a time."""
     batch = x.shape[0]
     patch_numel = math.prod(g.shape[2:]) * x.shape[1] * math.prod(kernel_size)
     out = torch.empty(batch, dtype=torch.float64, device=x.device)
     for rows in batch_chunks(batch, patch_numel):
         a, g_rows = _grouped_sequence_view(x[rows], g[rows], kernel_size, stride, dilation, groups)
-        out[rows] = linear_weight_norm_sq(a, g_rows).double().view(-1, groups).sum(1)
-    return rounding.finish_norm_sq(out, torch.float32)
+        out[rows] = linear_weight_norm_sq(a, g_rows).view(-1, groups).sum(1)
+    return out * rounding.BOUND_ARITHMETIC
 
 
 @op("conv_weight_clipped_grad")

@@ -26,7 +26,7 @@ def token_mass(sample_of_token: torch.Tensor, token_grads: torch.Tensor, batch_s
     """Per sample: an upper bound of its term mass ``Σ_t ‖g_t‖`` (a lookup's one-hot input has norm 1)
     over the tokens that reach the weight (not those of ``padding_idx``), and its number of tokens,
     both float64 [batch_size] (``fastdp.ops.rounding``)."""
-    norms = rounding.row_norms_upper(token_grads, dim=1).double()
+    norms = rounding.row_norms_upper(token_grads, dim=1)
     if padding_idx >= 0:
         norms = norms.masked_fill(ids == padding_idx, 0)
     mass = norms.new_zeros(batch_size).index_add_(0, sample_of_token, norms)
@@ -47,11 +47,10 @@ def embedding_norm_sq_upper(
 ) -> torch.Tensor:
     """Bound the exact per-sample ``‖G_i‖²`` from ``value`` (float64), the computed sum of the squared
     segment sums: each segment sum (in ``dtype``) is within γ_count Σ|g_t| of exact, and the squares,
-    summed in ``square_sum_dtype``, within γ(dim + tokens) relative. Float32 [B], rounded up."""
+    summed in ``square_sum_dtype``, within γ(dim + tokens) relative. Float64 [B]."""
     mass, counts = token_mass(sample_of_token, token_grads, batch_size, ids, padding_idx)
     value = value * (1 + segment_sum_error(counts + token_grads.shape[1], square_sum_dtype))
-    upper = rounding.direct_norm_sq_upper(value, mass, segment_sum_error(counts, dtype), 0.0)
-    return rounding.finish_norm_sq(upper, torch.float32)
+    return rounding.direct_norm_sq_upper(value, mass, segment_sum_error(counts, dtype), 0.0)
 
 
 def key_segments(keys: torch.Tensor):
@@ -94,7 +93,7 @@ def embedding_norm_sq(
     num_embeddings: int,
     padding_idx: int,
 ) -> torch.Tensor:
-    """An upper bound of each sample's squared weight-gradient norm, float32 ``[batch_size]``
+    """An upper bound of each sample's squared weight-gradient norm, float64 ``[batch_size]``
     (``embedding_norm_sq_upper``: cancelling tokens of one row cannot hide in rounding)."""
     row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
     row_norm_sq = row_grads.double().pow(2).sum(1)  # empty segments: 0

@@ -5,8 +5,8 @@ gradient is ``sum_t g_it``. Conv layers reach these ops through their unfold vie
 (T = output positions), so everything here is batch-first plain tensors that a
 Triton or CUDA kernel can replace op by op.
 
-Norm ops return float32 ``[B]`` whatever the input dtype; gradient ops return the
-input dtype (the rule casts to the parameter dtype).
+Norm ops return upper bounds (``fastdp.ops.rounding``) as float64 ``[B]`` whatever the input
+dtype; gradient ops return the input dtype (the rule casts to the parameter dtype).
 """
 
 from __future__ import annotations
@@ -48,29 +48,33 @@ def materialising_is_cheaper(T: int, d: int, p: int) -> bool:
 
 
 @op("linear_norm_sq_ghost")
-def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
     """An upper bound of ||g_iᵀ a_i||²_F from <a_i a_iᵀ, g_i g_iᵀ> (T×T Grams instead of the p×d
-    gradient) plus the Grams' rounding bound (``rounding.ghost_norm_sq_upper``): float32 [B]."""
+    gradient) plus the Grams' rounding bound (``rounding.ghost_norm_sq_upper``): float64 [B].
+    T = 1 is the Goodfellow product ||a_i||²·||g_i||², computed in float64. ``mass``: the samples'
+    term mass ``rounding.term_mass(a, g)`` when the caller has it already."""
     B, T, d = a.shape
     p = g.shape[-1]
+    if T == 1:
+        return rounding.product_norm_sq_upper(a[:, 0], g[:, 0])
     dtype = rounding.accumulation_dtype(a, g)
     value = torch.empty(B, dtype=torch.float64, device=a.device)
     with rounding.ieee_fp32():
         for rows in batch_chunks(B, T * (d + p) + 8 * T * T):
             a_gram = rounding.chunked_bmm(a[rows], a[rows].mT, dtype)
             g_gram = rounding.chunked_bmm(g[rows], g[rows].mT, dtype)
-            value[rows] = (a_gram.double() * g_gram.double()).sum((1, 2))  # float64: exact products
-    upper = rounding.ghost_norm_sq_upper(
-        value, rounding.term_mass(a, g), rounding.chunked_dot_error(d, dtype), rounding.chunked_dot_error(p, dtype),
-        rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64]),
+            value[rows] = (a_gram * g_gram).sum((1, 2), dtype=torch.float64)
+    sum_error = (1 + rounding.UNIT_ROUNDOFF[dtype]) * (1 + rounding.gamma(T * T, rounding.UNIT_ROUNDOFF[torch.float64])) - 1
+    return rounding.ghost_norm_sq_upper(
+        value, rounding.term_mass(a, g) if mass is None else mass, rounding.chunked_dot_error(d, dtype),
+        rounding.chunked_dot_error(p, dtype), sum_error,
     )
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @op("linear_norm_sq_direct")
-def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
     """An upper bound of ||g_iᵀ a_i||²_F by forming each G_i (a chunk of samples at a time; kernels:
-    tile by tile) plus its rounding bound (``rounding.direct_norm_sq_upper``): float32 [B]."""
+    tile by tile) plus its rounding bound (``rounding.direct_norm_sq_upper``): float64 [B]."""
     B, T, d = a.shape
     p = g.shape[-1]
     dtype = rounding.accumulation_dtype(a, g)
@@ -79,31 +83,33 @@ def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         for rows in batch_chunks(B, T * (d + p) + 5 * p * d):
             per_sample = rounding.chunked_bmm(g[rows].mT, a[rows], dtype)
             value[rows] = per_sample.double().square().sum((1, 2))
-    upper = rounding.direct_norm_sq_upper(
-        value, rounding.term_mass(a, g), rounding.chunked_dot_error(T, dtype),
+    return rounding.direct_norm_sq_upper(
+        value, rounding.term_mass(a, g) if mass is None else mass, rounding.chunked_dot_error(T, dtype),
         rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]),
     )
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
-def linear_weight_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared weight-gradient norms by the cheaper method for this shape."""
+def linear_weight_norm_sq(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
+    """Upper bounds of the per-sample squared weight-gradient norms by the cheaper method for this shape."""
     B, T, d = a.shape
     method = choose_linear_norm_method(B, T, d, g.shape[-1])
-    return linear_norm_sq_ghost(a, g) if method == "ghost" else linear_norm_sq_direct(a, g)
+    return (linear_norm_sq_ghost if method == "ghost" else linear_norm_sq_direct)(a, g, mass=mass)
 
 
 @op("linear_bias_norm_sq")
-def linear_bias_norm_sq(g: torch.Tensor) -> torch.Tensor:
-    """An upper bound of ||sum_t g_it||² per sample, float32 [B]: the computed sum is within
-    γ_T Σ_t ||g_t|| of exact (``rounding.direct_norm_sq_upper`` with the bias's term mass)."""
+def linear_bias_norm_sq(g: torch.Tensor, mass=None) -> torch.Tensor:
+    """An upper bound of ||sum_t g_it||² per sample, float64 [B]: the computed sum is within
+    γ_T Σ_t ||g_t|| of exact (``rounding.direct_norm_sq_upper`` with the bias's term mass
+    ``rounding.bias_term_mass(g)``, or ``mass`` when the caller has it)."""
+    if g.shape[1] == 1:
+        return rounding.norm_sq_upper(g)
     dtype = rounding.accumulation_dtype(g)
-    value = g.sum(1, dtype=dtype).double().square().sum(1)
-    upper = rounding.direct_norm_sq_upper(
-        value, rounding.bias_term_mass(g), rounding.gamma(g.shape[1], rounding.UNIT_ROUNDOFF[dtype]),
-        rounding.gamma(g.shape[2], rounding.UNIT_ROUNDOFF[torch.float64]),
+    value = torch.linalg.vector_norm(g.sum(1, dtype=dtype), dim=1, dtype=torch.float64).square()
+    return rounding.direct_norm_sq_upper(
+        value, rounding.bias_term_mass(g) if mass is None else mass,
+        rounding.gamma(g.shape[1], rounding.UNIT_ROUNDOFF[dtype]),
+        rounding.gamma(g.shape[2] + 3, rounding.UNIT_ROUNDOFF[torch.float64]),
     )
-    return rounding.finish_norm_sq(upper, torch.float32)
 
 
 @op("linear_clipped_grad")

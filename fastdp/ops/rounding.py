@@ -98,26 +98,39 @@ def round_up_float32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
 
 
-def _inflate(x: torch.Tensor, relative_error: float) -> torch.Tensor:
-    return x * (1 + relative_error)
+#: margin for the float64 arithmetic of the bounds themselves (a few roundings of non-negative terms)
+BOUND_ARITHMETIC = 1 + 2.0**-48
 
 
 def row_norms_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Upper bounds of the 2-norms along ``dim`` (float32; float64 for float64 x)."""
+    """Upper bounds of the 2-norms along ``dim``, float64."""
     dtype = accumulation_dtype(x)
-    norms = torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
-    return _inflate(norms, gamma(x.shape[dim] + 2, UNIT_ROUNDOFF[dtype]))
+    return torch.linalg.vector_norm(x, dim=dim, dtype=dtype).double() * (1 + gamma(x.shape[dim] + 2, UNIT_ROUNDOFF[dtype]))
 
 
 def term_mass(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Upper bounds of ``S_i = Σ_t ‖a_t‖‖g_t‖`` for a [B, T, d], g [B, T, p]: float64 [B]."""
-    products = row_norms_upper(a).double() * row_norms_upper(g).double()
-    return _inflate(products.sum(1), gamma(a.shape[1] + 1, UNIT_ROUNDOFF[torch.float64]))
+    dtype = accumulation_dtype(a, g)
+    unit = UNIT_ROUNDOFF[dtype]
+    products = torch.linalg.vector_norm(a, dim=2, dtype=dtype) * torch.linalg.vector_norm(g, dim=2, dtype=dtype)
+    error = (1 + gamma(a.shape[2] + 2, unit)) * (1 + gamma(g.shape[2] + 2, unit)) * (1 + unit)
+    return products.sum(1, dtype=torch.float64) * (error * (1 + gamma(a.shape[1], UNIT_ROUNDOFF[torch.float64])))
 
 
 def bias_term_mass(g: torch.Tensor) -> torch.Tensor:
     """``Σ_t ‖g_t‖`` for g [B, T, p] (a bias is a weight whose input is 1): float64 [B]."""
-    return _inflate(row_norms_upper(g).double().sum(1), gamma(g.shape[1] + 1, UNIT_ROUNDOFF[torch.float64]))
+    dtype = accumulation_dtype(g)
+    error = (1 + gamma(g.shape[2] + 2, UNIT_ROUNDOFF[dtype])) * (1 + gamma(g.shape[1], UNIT_ROUNDOFF[torch.float64]))
+    return torch.linalg.vector_norm(g, dim=2, dtype=dtype).sum(1, dtype=torch.float64) * error
+
+
+def product_norm_sq_upper(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``‖a_i‖²‖g_i‖²`` (a [B, d], g [B, p]: the norm² of the outer product g_i ⊗ a_i, one position),
+    with both norms in float64: float64 [B], an upper bound by the float64 rounding alone."""
+    a_sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64).square()
+    g_sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()
+    u = UNIT_ROUNDOFF[torch.float64]
+    return a_sq * g_sq * ((1 + gamma(a.shape[1] + 3, u)) * (1 + gamma(g.shape[1] + 3, u)) * BOUND_ARITHMETIC)
 
 
 # -- upper bounds of per-sample norms ----------------------------------------------------------
@@ -128,37 +141,34 @@ def ghost_norm_sq_upper(
     B ≈ g gᵀ computed with entry errors ``gram_error_* · ‖x_t‖‖x_s‖``, the products and their sum
     (of positions² terms) with relative error ``sum_error``: ``|value - ‖G‖²| ≤ θ S²``."""
     theta = (1 + gram_error_a) * (1 + gram_error_g) * (1 + sum_error) - 1
-    return value.clamp(min=0) + theta * mass.square()
+    return (value.clamp(min=0) + theta * mass.square()) * BOUND_ARITHMETIC
 
 
 def direct_norm_sq_upper(frobenius_sq: torch.Tensor, mass: torch.Tensor, entry_error: float, sum_error: float) -> torch.Tensor:
     """Bound ``‖G_i‖²`` from ``frobenius_sq`` (float64), the squared norm of a computed ``G̃_i`` whose
     entries are within ``entry_error · Σ_t |g_t||a_t|`` of exact (so ``‖G̃ - G‖ ≤ entry_error·S``),
     summed with relative error ``sum_error``: ``(‖G̃‖ + entry_error·S)²``."""
-    return ((frobenius_sq.clamp(min=0) * (1 + sum_error)).sqrt() + entry_error * mass).square()
+    return ((frobenius_sq.clamp(min=0) * (1 + sum_error)).sqrt() + entry_error * mass).square() * BOUND_ARITHMETIC
 
 
 def cross_inner_upper(value: torch.Tensor, mass_1: torch.Tensor, mass_2: torch.Tensor, error: float) -> torch.Tensor:
     """Bound ``<G_i, G'_i>`` (of two uses of one parameter) from its computed value: ``+ error·S·S'``."""
-    return value + error * mass_1 * mass_2
+    return value + (error + 2.0**-48) * mass_1 * mass_2  # |value| ≤ (1 + error) S S': its own rounding too
 
 
 def norm_sq_upper(x: torch.Tensor) -> torch.Tensor:
-    """Upper bounds of ``‖x_i‖²`` for a materialised ``x [B, ...]``, float32 [B] (float64 for float64):
-    squares summed in float64 (a chunk of samples at a time), then rounded up."""
+    """Upper bounds of ``‖x_i‖²`` for a materialised ``x [B, ...]``, float64 [B]: squares summed in float64
+    (a chunk of samples at a time, so no float64 copy of the whole tensor)."""
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, (1 << 22) // max(1, flat.shape[1]))
-    for start in range(0, flat.shape[0], step):
-        out[start : start + step] = flat[start : start + step].double().square().sum(1)
-    out = _inflate(out, gamma(flat.shape[1] + 1, UNIT_ROUNDOFF[torch.float64]))
-    return out if x.dtype == torch.float64 else round_up_float32(out)
-
-
-def finish_norm_sq(upper: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float64 upper bound as the op's result: float64 for float64 inputs, else rounded up to float32."""
-    upper = _inflate(upper, 4 * UNIT_ROUNDOFF[torch.float64])  # the bound's own float64 arithmetic
-    return upper if dtype == torch.float64 else round_up_float32(upper)
+    if step >= flat.shape[0]:
+        out = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+    else:
+        out = torch.cat([
+            torch.linalg.vector_norm(flat[start : start + step], dim=1, dtype=torch.float64).square()
+            for start in range(0, flat.shape[0], step)
+        ])
+    return out * ((1 + gamma(flat.shape[1] + 3, UNIT_ROUNDOFF[torch.float64])) * BOUND_ARITHMETIC)
 
 
 # -- slack of the clipped sums -------------------------------------------------------------------
@@ -197,13 +207,13 @@ def clipped_sum_error(dtype: torch.dtype, device: torch.device, positions, rows:
 
 
 def sequence_slack(a: torch.Tensor, g: torch.Tensor, kappa: float) -> torch.Tensor:
-    """``κ S_i`` per sample, float32 [B], for a [B, T, d] and g [B, T, p]."""
-    return (kappa * term_mass(a, g)).float()
+    """``κ S_i`` per sample, float64 [B], for a [B, T, d] and g [B, T, p]."""
+    return kappa * term_mass(a, g)
 
 
 def bias_slack(g: torch.Tensor, kappa: float) -> torch.Tensor:
     """``κ Σ_t ‖g_t‖`` per sample for g [B, T, p]: a bias's clipped sum is the weight's with inputs 1."""
-    return (kappa * bias_term_mass(g)).float()
+    return kappa * bias_term_mass(g)
 
 
 def conv_term_mass(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
@@ -219,15 +229,17 @@ def conv_term_mass(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, dilati
         patch_sq = conv(x.to(dtype).square(), ones, stride=stride, dilation=dilation, groups=groups)  # [B, groups, *out]
     g_sq = g.to(dtype).square().reshape(batch, groups, g.shape[1] // groups, -1).sum(2)
     unit = UNIT_ROUNDOFF[dtype]
-    patch_norms = _inflate(patch_sq.flatten(2).clamp(min=0).sqrt(), gamma(in_channels // groups * math.prod(kernel_size) + 2, unit))
-    g_norms = _inflate(g_sq.clamp(min=0).sqrt(), gamma(g.shape[1] // groups + 2, unit))
-    products = (patch_norms.double() * g_norms.double()).flatten(1)
-    return _inflate(products.sum(1), gamma(products.shape[1] + 1, UNIT_ROUNDOFF[torch.float64]))
+    products = (patch_sq.flatten(2).clamp(min=0).sqrt() * g_sq.clamp(min=0).sqrt()).flatten(1)
+    error = (
+        (1 + gamma(in_channels // groups * math.prod(kernel_size) + 2, unit)) * (1 + gamma(g.shape[1] // groups + 2, unit))
+        * (1 + unit) * (1 + gamma(products.shape[1], UNIT_ROUNDOFF[torch.float64]))
+    )
+    return products.sum(1, dtype=torch.float64) * error
 
 
 def conv_slack(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, dilation, groups: int, kappa: float) -> torch.Tensor:
-    """``κ Σ_{t, group} ‖g_t‖‖patch_t‖`` per sample, float32 [B] (see ``conv_term_mass``)."""
-    return (kappa * conv_term_mass(x, g, kernel_size, stride, dilation, groups)).float()
+    """``κ Σ_{t, group} ‖g_t‖‖patch_t‖`` per sample, float64 [B] (see ``conv_term_mass``)."""
+    return kappa * conv_term_mass(x, g, kernel_size, stride, dilation, groups)
 
 
 @contextmanager

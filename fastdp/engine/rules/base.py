@@ -5,7 +5,7 @@ the gradient of the loss with respect to its output, both batch-first. A rule tu
 them into what one DP step needs without ever forming the non-private gradient:
 
 - ``norm_sq_per_param``: an upper bound of each sample's squared gradient norm, per
-  trainable parameter, ``{name: [B]}`` in float32 (``norm_sq`` is their sum): the ops of
+  trainable parameter, ``{name: [B]}`` in float64 (``norm_sq`` is their sum): the ops of
   ``fastdp.ops`` return the computed value plus a rigorous bound on its rounding
   (``fastdp.ops.rounding``), so that a sample whose terms cancel cannot come out unclipped;
 - ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter, with one
@@ -30,7 +30,7 @@ from torch import nn
 
 from ...ops.embedding import embedding_cross_inner, embedding_linear_cross_inner
 from ...ops.linear import linear_cross_inner
-from ...ops.rounding import norm_sq_upper
+from ...ops.rounding import ieee_fp32, norm_sq_upper
 
 
 ClipFactors = Union[torch.Tensor, Dict[str, torch.Tensor]]
@@ -101,7 +101,7 @@ class LayerRule:
         return {n: norm_sq_upper(g) for n, g in grads.items()}
 
     def norm_sq(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(grad_output.shape[0], dtype=torch.float32, device=grad_output.device)
+        total = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
         for norm_sq in self.norm_sq_per_param(module, inputs, grad_output).values():
             total += norm_sq
         return total
@@ -114,13 +114,21 @@ class LayerRule:
         return {}
 
     def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{name: [B] float32}``: for each parameter whose ``clipped_grad`` does not sum materialised
+        """``{name: [B] float64}``: for each parameter whose ``clipped_grad`` does not sum materialised
         per-sample gradients, a bound ``s_i`` on how far sample i's contribution as computed can lie from
         ``c_i G_i``, divided by ``c_i`` (``fastdp.ops.rounding``: products and partial sums holding a
         sample's cancelling terms). The engine clips with ``‖G_i‖ + s_i``. Parameters left out round
         nothing beyond one product by c: the default ``clipped_grad`` below sums the very tensors whose
         norms ``norm_sq_per_param`` bounds."""
         return {}
+
+    def norm_bounds(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor):
+        """``(norm_sq_per_param, rounding_slack)`` of one call, what the engine clips with. The norms are
+        computed with IEEE fp32 products (no TF32), the slack for the settings the clipped sum runs under.
+        Rules whose two share work (the samples' term mass) override this."""
+        with ieee_fp32():
+            norms = self.norm_sq_per_param(module, inputs, grad_output)
+        return norms, self.rounding_slack(module, inputs, grad_output)
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

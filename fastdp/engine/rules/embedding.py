@@ -56,23 +56,25 @@ class EmbeddingLookupRule(LayerRule):
     def _padding_idx(module: nn.Module) -> int:
         return -1 if module.padding_idx is None else module.padding_idx
 
-    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def norm_bounds(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor):
+        """The norm bound and the slack ``κ_i Σ_t ‖g_t‖`` from one token list: a sample's tokens of one row
+        are summed (and may cancel) before any other sample's, in every implementation of
+        ``embedding_clipped_grad``."""
         if not self.trainable_params(module):
-            return {}
-        tokens = self.tokens(module, inputs, grad_output)
-        return {"weight": embedding_norm_sq(*tokens, module.num_embeddings, self._padding_idx(module))}
-
-    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``κ_i Σ_t ‖g_t‖``: a sample's tokens of one row are summed (and may cancel) before any other
-        sample's, in every implementation of ``embedding_clipped_grad``."""
-        if not self.trainable_params(module):
-            return {}
-        ids, sample_of_token, token_grads, batch_size = self.tokens(module, inputs, grad_output)
-        mass, counts = token_mass(sample_of_token, token_grads, batch_size, ids, self._padding_idx(module))
+            return {}, {}
+        ids, sample_of_token, token_grads, batch_size = tokens = self.tokens(module, inputs, grad_output)
+        padding_idx = self._padding_idx(module)
+        mass, counts = token_mass(sample_of_token, token_grads, batch_size, ids, padding_idx)
         kappa = rounding.clipped_sum_error(
             rounding.accumulation_dtype(token_grads), token_grads.device, positions=counts, rows=ids.numel()
         )
-        return {"weight": (kappa * mass).float()}
+        return {"weight": embedding_norm_sq(*tokens, module.num_embeddings, padding_idx)}, {"weight": kappa * mass}
+
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[0]
+
+    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

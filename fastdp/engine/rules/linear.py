@@ -39,14 +39,23 @@ class LinearRule(LayerRule):
             "linear_norm_sq_direct", a, g
         )
 
-    def norm_sq_per_param(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def norm_bounds(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor):
+        """Norm bounds and clipped-sum slack from one term mass per parameter (``fastdp.ops.rounding``)."""
         a, g = self._sequence_view(inputs, grad_output)
-        norms = {}
+        kappa = rounding.clipped_sum_error(
+            torch.promote_types(a.dtype, g.dtype), g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1]
+        )
+        norms, slack = {}, {}
         if module.weight.requires_grad:
-            norms["weight"] = linear_ops.linear_weight_norm_sq(a, g)
+            mass = rounding.term_mass(a, g)
+            norms["weight"], slack["weight"] = linear_ops.linear_weight_norm_sq(a, g, mass=mass), kappa * mass
         if module.bias is not None and module.bias.requires_grad:
-            norms["bias"] = linear_ops.linear_bias_norm_sq(g)
-        return norms
+            mass = rounding.bias_term_mass(g)
+            norms["bias"], slack["bias"] = linear_ops.linear_bias_norm_sq(g, mass=mass), kappa * mass
+        return norms, slack
+
+    def norm_sq_per_param(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[0]
 
     def clipped_grad(
         self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
@@ -62,14 +71,7 @@ class LinearRule(LayerRule):
         return grads
 
     def rounding_slack(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
-        kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
-        slack = {}
-        if module.weight.requires_grad:
-            slack["weight"] = rounding.sequence_slack(a, g, kappa)
-        if module.bias is not None and module.bias.requires_grad:
-            slack["bias"] = rounding.bias_slack(g, kappa)
-        return slack
+        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
         """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""

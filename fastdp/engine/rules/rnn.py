@@ -93,30 +93,37 @@ class SequenceLinearRule(LayerRule):
             for _, a, g in terms
         )
 
-    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def norm_bounds(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor):
+        """Norm bounds and clipped-sum slack from one term mass per term (``fastdp.ops.rounding``); terms
+        of one weight fill disjoint rows, so their norms and slacks add."""
         norms: Dict[str, torch.Tensor] = {}
+        slack: Dict[str, torch.Tensor] = {}
+
+        def add(name, norm_sq, part):
+            norms[name] = norm_sq if name not in norms else norms[name] + norm_sq
+            slack[name] = part if name not in slack else slack[name] + part
+
         for term, a, g in self._terms(module, inputs, grad_output):
-            norm_sq = linear_ops.linear_weight_norm_sq(a, g)  # terms of one weight fill disjoint rows: norms add
-            norms[term.name] = norm_sq if term.name not in norms else norms[term.name] + norm_sq
+            mass = rounding.term_mass(a, g)
+            add(term.name, linear_ops.linear_weight_norm_sq(a, g, mass=mass), self._kappa(a, g) * mass)
         biases = [name for name in inputs[0].biases if _trainable(module, name)]
-        if biases:
-            bias_norm_sq = linear_ops.linear_bias_norm_sq(grad_output)  # every bias gets Σ_t g
-            norms.update({name: bias_norm_sq for name in biases})
-        return norms
+        if biases:  # every bias gets Σ_t g
+            mass = rounding.bias_term_mass(grad_output)
+            bias_norm_sq = linear_ops.linear_bias_norm_sq(grad_output, mass=mass)
+            for name in biases:
+                add(name, bias_norm_sq, self._kappa(grad_output, grad_output) * mass)
+        return norms, slack
+
+    @staticmethod
+    def _kappa(a: torch.Tensor, g: torch.Tensor) -> float:
+        dtype = torch.promote_types(a.dtype, g.dtype)
+        return rounding.clipped_sum_error(dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
+
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[0]
 
     def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        slack: Dict[str, torch.Tensor] = {}
-        for term, a, g in self._terms(module, inputs, grad_output):  # terms of one weight: slacks add
-            a, g = common_dtype(a, g)
-            kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
-            part = rounding.sequence_slack(a, g, kappa)
-            slack[term.name] = part if term.name not in slack else slack[term.name] + part
-        g = grad_output
-        kappa = rounding.clipped_sum_error(g.dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
-        for name in inputs[0].biases:
-            if _trainable(module, name):
-                slack[name] = rounding.bias_slack(grad_output, kappa)
-        return slack
+        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
