@@ -16,6 +16,7 @@ objects (torch ≥ 2.4); a torch without them gets a clear error, not a silent w
 
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -23,27 +24,38 @@ from torch import nn
 
 from ..engine.clipping import PerLayerClipping
 
-try:  # torch >= 2.6
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - older torch
-    try:
-        from torch.distributed._composable.fsdp import FSDPModule
-    except ImportError:
-        FSDPModule = None
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard
+def _fsdp_module_class():
+    """FSDP2's module class, or None. Importing torch.distributed.fsdp costs seconds, and a model can only
+    be sharded after its user imported it: until then no module is an FSDPModule, and nothing is imported."""
+    if "torch.distributed.fsdp" not in sys.modules and "torch.distributed._composable.fsdp" not in sys.modules:
+        return None
+    try:  # torch >= 2.6
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _dtensor():
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch < 2.5
+        from torch.distributed._tensor import DTensor, Shard
+    return DTensor, Shard
 
 
 def is_fsdp(module: nn.Module) -> bool:
     """Whether ``module`` (or a submodule) was sharded with FSDP2's ``fully_shard``."""
-    return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in module.modules())
+    return bool(fsdp_modules(module))
 
 
 def fsdp_modules(module: nn.Module) -> List[nn.Module]:
-    return [m for m in module.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+    fsdp_module = _fsdp_module_class()
+    return [] if fsdp_module is None else [m for m in module.modules() if isinstance(m, fsdp_module)]
 
 
 def _param_groups(fsdp_module: nn.Module) -> list:
@@ -72,6 +84,7 @@ def fsdp_params_by_id(module: nn.Module) -> Dict[int, object]:
 
 def sharded_layout(param: torch.Tensor, world_size: int, rank: int):
     """(rows per rank, elements per row) of FSDP's dim-0 sharding, checked against this rank's shard."""
+    DTensor, Shard = _dtensor()
     if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
         placements = getattr(param, "placements", None)
         raise ValueError(
@@ -109,6 +122,7 @@ def take_unsharded_grad(fsdp_param) -> Optional[torch.Tensor]:
 
 def sharded_grad(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """``local`` (this rank's rows) as a gradient for the sharded DTensor ``param``."""
+    DTensor, _ = _dtensor()
     return DTensor.from_local(
         local.to(param.dtype), param.device_mesh, param.placements, run_check=False,
         shape=param.shape, stride=param.stride(),
