@@ -174,6 +174,10 @@ class PrivacyEngine:
             **placement,
             **clipping_kwargs,
         )
+        if poisson_sampling:  # one step is one sampled batch: a second backward before step() is an error
+            module.forbid_grad_accumulation()
+        else:
+            module.allow_grad_accumulation()
         dp_optimizer.attach(module)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         if ghost:
@@ -194,12 +198,27 @@ class PrivacyEngine:
     ):
         """``make_private`` with the smallest σ whose ε after ``epochs`` is at most ``target_epsilon``."""
         sample_rate = 1 / len(data_loader)
+        if len(self.accountant.history) > 0:
+            warnings.warn(
+                "make_private_with_epsilon: this PrivacyEngine's accountant already spent budget; the returned "
+                "noise multiplier assumes a fresh start, so the total epsilon will exceed target_epsilon",
+                UserWarning,
+            )
+        calibration = self.accountant.mechanism()
+        if not self.accountant.is_upper_bound:
+            calibration = "prv"  # a budget is met by a rigorous bound, never by an approximation
+            warnings.warn(
+                f"make_private_with_epsilon: the {self.accountant.mechanism()!r} accountant's epsilon is an "
+                "approximation that can under-report, so sigma is calibrated with the PRV accountant (its true "
+                "epsilon is at most target_epsilon); this engine's get_epsilon() still reports the approximation",
+                UserWarning,
+            )
         noise_multiplier = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
             sample_rate=sample_rate,
             epochs=epochs,
-            accountant=self.accountant.mechanism(),
+            accountant=calibration,
             epsilon_tolerance=kwargs.pop("epsilon_tolerance", 0.01),
         )
         return self.make_private(

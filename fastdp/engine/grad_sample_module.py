@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -35,6 +36,10 @@ from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
 
 MODES = ("bk", "hooks", "functorch")
+
+#: every live GradSampleModule, so that a DPOptimizer built by hand (Opacus's "under the hood" wiring)
+#: finds and attaches the module(s) owning its parameters (``DPOptimizer.attach_owners``)
+LIVE_MODULES: "weakref.WeakSet[GradSampleModule]" = weakref.WeakSet()
 MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
 
 
@@ -84,6 +89,7 @@ class GradSampleModule(nn.Module):
         clipping=None,
     ):
         super().__init__()
+        LIVE_MODULES.add(self)
         if isinstance(m, GradSampleModule):
             raise ValueError("module is already a GradSampleModule; wrap the original module once")
         self._module = m
@@ -198,6 +204,20 @@ class GradSampleModule(nn.Module):
             p.grad_sample = None
         self._retained_step = None
         self.backward_passes = 0
+
+    # -- Opacus API: gradient accumulation ------------------------------------------------------
+    #: several backward passes before one optimizer step are several batches of distinct samples
+    #: (Opacus semantics: the optimizer counts them in ``accumulated_iterations``); make_private
+    #: forbids it under Poisson sampling, where one step is one sampled batch
+    grad_accumulation_allowed = True
+
+    def forbid_grad_accumulation(self) -> None:
+        """Refuse (at the optimizer step) more than one backward pass per step."""
+        self.grad_accumulation_allowed = False
+
+    def allow_grad_accumulation(self) -> None:
+        """Accept several backward passes (distinct batches) per optimizer step."""
+        self.grad_accumulation_allowed = True
 
     def _is_capturing(self) -> bool:
         return self._capturing
