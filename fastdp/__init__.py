@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 from . import accountants  # noqa: E402,F401
 from .data import DPDataLoader  # noqa: E402
 from .engine.grad_sample_module import GradSampleModule  # noqa: E402
+from . import grad_sample, utils  # noqa: E402,F401  (Opacus paths; grad_sample sets GradSampleModule.GRAD_SAMPLERS)
+from .grad_sample import GradSampleModuleFastGradientClipping  # noqa: E402
 from .graphed_step import make_graphed_dp_step  # noqa: E402
 from .engine.rules import LayerRule, register_grad_sampler, register_rule, register_rule_by_name  # noqa: E402
 from .optimizers import DPOptimizer  # noqa: E402
@@ -19,6 +21,7 @@ from .validators import ModuleValidator  # noqa: E402
 __all__ = [
     "PrivacyEngine",
     "GradSampleModule",
+    "GradSampleModuleFastGradientClipping",
     "DPOptimizer",
     "DPDataLoader",
     "BatchMemoryManager",

@@ -205,6 +205,28 @@ class GradSampleModule(nn.Module):
         self._retained_step = None
         self.backward_passes = 0
 
+    # -- Opacus API: hooks and per-sample attributes ------------------------------------------
+    def remove_hooks(self) -> None:
+        """Undo the routing (the model computes plain, non-private gradients again); keeps the wrapper."""
+        self.to_standard_module()
+
+    def set_grad_sample_to_none(self) -> None:
+        for p in self.parameters():
+            p.grad_sample = None
+
+    def del_grad_sample(self) -> None:
+        for p in self.parameters():
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    def cleanup(self) -> None:
+        """Remove the routing and every attribute fastdp or Opacus code set on the parameters."""
+        self.remove_hooks()
+        for p in self.parameters():
+            for attr in ("grad_sample", "summed_grad", "_norm_sample", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
     # -- Opacus API: gradient accumulation ------------------------------------------------------
     #: several backward passes before one optimizer step are several batches of distinct samples
     #: (Opacus semantics: the optimizer counts them in ``accumulated_iterations``); make_private

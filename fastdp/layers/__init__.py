@@ -8,10 +8,10 @@ state_dict keys. Importing this package registers their engine rule and the
 from torch import nn
 
 from ..validators.module_validator import ModuleValidator
-from .multihead_attention import DPMultiheadAttention
+from .dp_multihead_attention import DPMultiheadAttention, SequenceBias
 from .rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase
 
-__all__ = ["DPLSTM", "DPGRU", "DPRNN", "DPRNNBase", "DPMultiheadAttention"]
+__all__ = ["DPLSTM", "DPGRU", "DPRNN", "DPRNNBase", "DPMultiheadAttention", "SequenceBias"]
 
 for _torch_type, _dp_type in (
     (nn.LSTM, DPLSTM), (nn.GRU, DPGRU), (nn.RNN, DPRNN), (nn.MultiheadAttention, DPMultiheadAttention)
