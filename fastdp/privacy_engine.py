@@ -131,7 +131,7 @@ class PrivacyEngine:
         if clipping != "per_layer":  # per-layer bounds are a list, checked by the optimizer
             max_grad_norm = check_max_grad_norm(max_grad_norm)
         ghost = grad_sample_mode == "ghost"
-        mode = check_mode(grad_sample_mode)
+        mode = check_mode("hooks" if grad_sample_mode == "ew" else grad_sample_mode)  # Opacus's ExpandedWeights mode
         distributed = distributed_context(module)  # DDP/DPDDP (unwrapped here) or FSDP2; see fastdp.distributed
         if distributed is not None:
             module = distributed.module

@@ -42,7 +42,7 @@ def _map_samples(batch: Any, on_tensor: Callable, on_values: Callable, path: str
             return on_values(batch)
         return type(batch)(_map_samples(item, on_tensor, on_values, f"{path}[{i}]") for i, item in enumerate(batch))
     raise TypeError(
-        f"DPDataLoader cannot build an empty or padded Poisson batch: collate_fn output holds a "
+        f"Unsupported batch type: DPDataLoader cannot build an empty or padded Poisson batch: collate_fn output holds a "
         f"{type(batch).__name__} at {path}; make collate_fn return tensors (or per-sample lists) there"
     )
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..losses import check_model_loss
+from ..validators.errors import SampleMixingModuleError
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from . import rounding
@@ -121,7 +122,7 @@ class GradSampleModule(nn.Module):
         force_functorch = force_functorch or self.mode == "functorch"
         for name, sub in m.named_modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                raise ValueError(
+                raise SampleMixingModuleError(
                     f"{name or 'model'} ({type(sub).__name__}) mixes the samples of a batch, so per-sample "
                     "clipping cannot bound them; use fastdp.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
                 )
@@ -234,12 +235,30 @@ class GradSampleModule(nn.Module):
     grad_accumulation_allowed = True
 
     def forbid_grad_accumulation(self) -> None:
-        """Refuse (at the optimizer step) more than one backward pass per step."""
+        """Refuse a second batch before the optimizer step: its forward (with grad) after a backward raises,
+        as does the step (Opacus raises at the second backward)."""
         self.grad_accumulation_allowed = False
+        if getattr(self, "_accumulation_check", None) is None:
+            self._accumulation_check = self.register_forward_pre_hook(_refuse_accumulation)
 
     def allow_grad_accumulation(self) -> None:
         """Accept several backward passes (distinct batches) per optimizer step."""
         self.grad_accumulation_allowed = True
+        if getattr(self, "_accumulation_check", None) is not None:
+            self._accumulation_check.remove()
+            self._accumulation_check = None
+
+    # -- Opacus API: switching the capture off and on ------------------------------------------
+    @property
+    def hooks_enabled(self) -> bool:
+        return self._capturing
+
+    def disable_hooks(self) -> None:
+        """Forward and backward as plain autograd (non-private gradients) until ``enable_hooks()``."""
+        self._capturing = False
+
+    def enable_hooks(self) -> None:
+        self._capturing = True
 
     def _is_capturing(self) -> bool:
         return self._capturing
@@ -563,6 +582,16 @@ def _split_calls(calls: List[ModuleCall], materialise_all: bool):
                 changed = True
     cross_factors = {key: [factors[id(call)][name] for call, name in uses[key]] for key in crossed}
     return materialised, cross_factors
+
+
+def _refuse_accumulation(module: "GradSampleModule", args) -> None:
+    if module.backward_passes >= 1 and torch.is_grad_enabled() and not module.grad_accumulation_allowed:
+        raise ValueError(
+            "a new batch reached the model after a backward pass without an optimizer step, but Poisson sampling "
+            "is not compatible with gradient accumulation (each logical batch is one sampled step); call "
+            "optimizer.step() and zero_grad() after every batch, or split large batches with "
+            "fastdp.BatchMemoryManager"
+        )
 
 
 def _check_batch_sizes(batch_sizes: set) -> None:

@@ -184,8 +184,8 @@ class DPOptimizer(Optimizer):
                 raise ValueError("clipping='adaptive' needs unclipped_num_std= (the noise std of the unclipped count)")
             if not self.noise_multiplier < 2 * policy.unclipped_num_std:
                 raise ValueError(
-                    "clipping='adaptive' needs noise_multiplier < 2 * unclipped_num_std "
-                    f"(got {self.noise_multiplier} and {policy.unclipped_num_std})"
+                    "clipping='adaptive': noise_multiplier must be smaller than 2 * unclipped_num_std (Andrew et al. "
+                    f"2021, Thm 1); got {self.noise_multiplier} and {policy.unclipped_num_std}"
                 )
             if not policy.min_clipbound < policy.max_clipbound:
                 raise ValueError(

@@ -37,6 +37,11 @@ class UnsupportableModuleError(UnsupportedModuleError):
     """A module no DP mechanism of this kind can support (it mixes the samples of a batch)."""
 
 
+class SampleMixingModuleError(UnsupportableModuleError, NotImplementedError):
+    """A module that mixes the samples of a batch (BatchNorm) met by GradSampleModule: a ValueError as every
+    fastdp refusal, and the NotImplementedError Opacus's GradSampleModule raises there."""
+
+
 class NotYetSupportedModuleError(UnsupportedModuleError):
     """A module fastdp does not support yet."""
 
