@@ -132,7 +132,8 @@ class ModuleValidator:
     }
 
     #: module class → ``validator(module) -> [UnsupportedModuleError, ...]``, run instead of the built-in
-    #: checks for modules of that class (nearest registered class in the MRO); see ``register_module_validator``
+    #: checks for modules of that class (nearest registered class in the MRO); see ``register_module_validator``.
+    #: The classes fastdp refuses or replaces are listed with ``builtin_validator`` (fastdp's own checks).
     VALIDATORS: Dict[type, Callable[[nn.Module], List[UnsupportedModuleError]]] = {}
 
     @classmethod
@@ -154,24 +155,30 @@ class ModuleValidator:
         return None
 
     @classmethod
-    def _module_errors(cls, path: str, module: nn.Module) -> List[UnsupportedModuleError]:
-        """A registered validator's errors for ``module``, else the built-in check's (each naming the path)."""
-        module_type = type(module).__name__
-        validator = next((cls.VALIDATORS[c] for c in type(module).__mro__ if c in cls.VALIDATORS), None)
-        if validator is not None:
-            errors = list(validator(module))
-            for error in errors:
-                if isinstance(error, UnsupportedModuleError) and error.module_path is None:
-                    error.module_path, error.module_type = path, module_type
-            return errors
+    def _builtin_errors(cls, path: str, module: nn.Module) -> List[UnsupportedModuleError]:
+        """fastdp's own checks of one module: sample mixing, then its layer rule's configuration check."""
         reason = cls._reason(module)
         if reason is None:
             return []
-        if _sample_mixing_reason(module) is not None or cls._fixer(module) is not None:
+        module_type = type(module).__name__
+        replaced = cls._fixer(module) is not None and not isinstance(module, _InstanceNorm)  # IN: fixed in place
+        if _sample_mixing_reason(module) is not None or replaced:
             kind = ShouldReplaceModuleError
         else:
             kind = IllegalModuleConfigurationError
         return [kind(f"{path or '<root>'} ({module_type}): {reason}", module_path=path, module_type=module_type)]
+
+    @classmethod
+    def _module_errors(cls, path: str, module: nn.Module) -> List[UnsupportedModuleError]:
+        """A registered validator's errors for ``module``, else the built-in checks' (each naming the path)."""
+        validator = next((cls.VALIDATORS[c] for c in type(module).__mro__ if c in cls.VALIDATORS), None)
+        if validator is None or validator is builtin_validator:
+            return cls._builtin_errors(path, module)
+        errors = list(validator(module))
+        for error in errors:
+            if isinstance(error, UnsupportedModuleError) and error.module_path is None:
+                error.module_path, error.module_type = path, type(module).__name__
+        return errors
 
     @classmethod
     def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
@@ -231,3 +238,13 @@ class ModuleValidator:
         fixed = cls.fix(module, **kwargs)
         cls.validate(fixed, strict=True)
         return fixed
+
+
+def builtin_validator(module: nn.Module) -> List[UnsupportedModuleError]:
+    """fastdp's own checks of one module (what ``ModuleValidator.validate`` runs for it, path ``""``)."""
+    return ModuleValidator._builtin_errors("", module)
+
+
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+             nn.InstanceNorm3d, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention):
+    ModuleValidator.VALIDATORS[_cls] = builtin_validator
