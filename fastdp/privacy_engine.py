@@ -28,6 +28,7 @@ from .distributed import check_same_on_all_ranks, distributed_context, prepare_m
 from .engine.clipping import check_max_grad_norm
 from .engine.grad_sample_module import GradSampleModule, check_loss_reduction, check_mode
 from .grad_sample.grad_sample_module import GradSampleHooks
+from .grad_sample.gsm_no_op import GradSampleModuleNoOp
 from .optimizers import DPOptimizer, FSDPDPOptimizer, get_optimizer_class
 from .utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from .validators import ModuleValidator
@@ -114,8 +115,9 @@ class PrivacyEngine:
             clipping: "flat", "per_layer", "automatic" or "adaptive" (see ``DPOptimizer``).
             noise_generator: a seeded ``torch.Generator`` for the noise and the sampling (not in secure mode).
             grad_sample_mode: "bk" (default: per-sample norms without per-sample gradients, one backward),
-                "hooks" or "ew" (materialise ``p.grad_sample`` like Opacus), "functorch", or Opacus's
-                "ghost" (= "bk").
+                "hooks" or "ew" (materialise ``p.grad_sample`` like Opacus), "functorch", Opacus's
+                "ghost" (= "bk"), or "no_op" (nothing computed: you set ``p.grad_sample`` and the optimizer
+                clips those rows, trusted to be one per sample).
             criterion: the loss, checked against ``loss_reduction`` (and wrapped for "ghost").
             wrap_model: False: the engine hooks into ``module`` itself and you keep calling it; the first
                 return value is then a ``GradSampleHooks`` (``cleanup()`` detaches it).
@@ -131,7 +133,8 @@ class PrivacyEngine:
         if clipping != "per_layer":  # per-layer bounds are a list, checked by the optimizer
             max_grad_norm = check_max_grad_norm(max_grad_norm)
         ghost = grad_sample_mode == "ghost"
-        mode = check_mode("hooks" if grad_sample_mode == "ew" else grad_sample_mode)  # Opacus's ExpandedWeights mode
+        no_op = grad_sample_mode == "no_op"  # Opacus: you set p.grad_sample, the optimizer clips it
+        mode = "bk" if no_op else check_mode("hooks" if grad_sample_mode == "ew" else grad_sample_mode)
         distributed = distributed_context(module)  # DDP/DPDDP (unwrapped here) or FSDP2; see fastdp.distributed
         if distributed is not None:
             module = distributed.module
@@ -152,8 +155,10 @@ class PrivacyEngine:
         ModuleValidator.validate(module._module if isinstance(module, GradSampleModule) else module, strict=True)
         check_noise_multiplier(noise_multiplier)
         self._note_dataset(data_loader)
-        wrapped_here = not isinstance(module, GradSampleModule)
-        if wrapped_here:
+        wrapped_here = not isinstance(module, (GradSampleModule, GradSampleModuleNoOp))
+        if wrapped_here and no_op:
+            module = GradSampleModuleNoOp(module, batch_first=batch_first, loss_reduction=loss_reduction)
+        elif wrapped_here:
             module = GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction, mode=mode, strict=strict)
         try:
             wired = self._wire(
@@ -229,7 +234,8 @@ class PrivacyEngine:
             module.forbid_grad_accumulation()
         else:
             module.allow_grad_accumulation()
-        dp_optimizer.attach(module)
+        if isinstance(module, GradSampleModule):  # "no_op": nothing to attach, the optimizer clips p.grad_sample
+            dp_optimizer.attach(module)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         if ghost:
             criterion = criterion if criterion is not None else nn.CrossEntropyLoss(reduction=loss_reduction)

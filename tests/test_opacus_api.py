@@ -323,3 +323,39 @@ def test_from_data_loader_distributed_splits_a_whole_dataset_loader():
     assert all(int(i) % 2 == 0 for batch in rank0 for i in batch)
     mean_union = sum(len(a) + len(b) for a, b in zip(rank0, rank1)) / len(rank0)
     assert 25 < mean_union < 55
+
+
+def test_no_op_mode_clips_per_sample_gradients_you_compute_with_torch_func():
+    """Opacus's cifar10 example: grad_sample_mode="no_op", per-sample gradients by torch.func
+    (make_functional + vmap), set as p.grad_sample; the optimizer clips them at step()."""
+    from torch.func import grad, vmap
+
+    from fastdp.grad_sample.functorch import make_functional
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 5) * 3, torch.randint(0, 3, (8,))
+    expected = microbatch_per_sample_grads(model, x, y)
+    module, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=0.0, max_grad_norm=0.5,
+        grad_sample_mode="no_op", poisson_sampling=False,
+    )
+    fmodel, _ = make_functional(model)
+
+    def loss(params, sample, target):
+        return F.cross_entropy(fmodel(params, sample.unsqueeze(0)), target.unsqueeze(0))
+
+    params = list(model.parameters())
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for p, g in zip(params, per_sample):
+        p.grad_sample = g.detach()
+    optimizer.step()
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in expected.values()))
+    factors = (0.5 / (norms + 1e-6)).clamp(max=1.0)
+    for (name, p) in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", factors, expected[name]) / 8, rtol=1e-4, atol=1e-6)
+    optimizer.zero_grad()
+    F.cross_entropy(module(x), y).backward()  # a plain backward in no_op mode is non-private: refused
+    with pytest.raises(ValueError, match="non-private"):
+        optimizer.step()

@@ -15,6 +15,7 @@ from .grad_sample_module_fast_gradient_clipping import (
 )
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from .gsm_exp_weights import GradSampleModuleExpandedWeights
+from .gsm_no_op import GradSampleModuleNoOp
 from .samplers import (
     GradSamplers,
     compute_conv_grad_sample,
@@ -42,6 +43,7 @@ __all__ = [
     "GradSampleHooksFastGradientClipping",
     "GradSampleModuleFastGradientClipping",
     "GradSampleModuleExpandedWeights",
+    "GradSampleModuleNoOp",
     "register_grad_sampler",
     "register_norm_sampler",
     "prepare_module",

@@ -15,6 +15,7 @@ from .grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
 from .gsm_exp_weights import GradSampleModuleExpandedWeights
+from .gsm_no_op import GradSampleModuleNoOp
 
 _GSM_CLASSES = {
     "hooks": HooksGradSampleModule,
@@ -22,6 +23,7 @@ _GSM_CLASSES = {
     "ew": GradSampleModuleExpandedWeights,
     "ghost": GradSampleModuleFastGradientClipping,
     "bk": GradSampleModuleFastGradientClipping,
+    "no_op": GradSampleModuleNoOp,
 }
 _HOOKS_CLASSES = {
     "hooks": GradSampleHooks,
@@ -35,15 +37,15 @@ _HOOKS_CLASSES = {
 def _lookup(table, grad_sample_mode: str):
     if grad_sample_mode not in table:
         raise ValueError(
-            f"grad_sample_mode must be one of {sorted(table)}, got {grad_sample_mode!r} (Opacus's 'no_op' and "
-            "the FSDP/TP ghost modes have no fastdp counterpart: bk clips in one backward under FSDP too)"
+            f"grad_sample_mode must be one of {sorted(table)}, got {grad_sample_mode!r} (Opacus's FSDP/TP ghost "
+            "modes have no fastdp counterpart: bk clips in one backward under FSDP too)"
         )
     return table[grad_sample_mode]
 
 
 def get_gsm_class(grad_sample_mode: str) -> Type[GradSampleModule]:
     """The GradSampleModule class for a mode: "hooks"/"functorch"/"ew" materialise ``p.grad_sample``;
-    "ghost"/"bk" is fastdp's one-backward book-keeping."""
+    "ghost"/"bk" is fastdp's one-backward book-keeping; "no_op" computes nothing (you set ``p.grad_sample``)."""
     return _lookup(_GSM_CLASSES, grad_sample_mode)
 
 

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from ..accountants.validation import check_noise_multiplier
 from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
-from ..engine.grad_sample_module import LIVE_MODULES, check_loss_reduction
+from ..engine.grad_sample_module import LIVE_MODULES, GradSampleModule, check_loss_reduction
 from ..engine.rules.base import clipped_sum_of_grad_samples
 from ..ops.noise import add_noise_and_scale
 from ..utils.secure_random import SecureRandom, normal
@@ -294,6 +294,11 @@ class DPOptimizer(Optimizer):
         backward is clipped now with this optimizer's policy."""
         if any(module is m for m in self.modules):
             return
+        if not isinstance(module, GradSampleModule):
+            raise ValueError(
+                f"attach() takes a fastdp GradSampleModule, got {type(module).__name__}; in 'no_op' mode nothing is "
+                "attached: the optimizer clips the p.grad_sample you set"
+            )
         module.clipping = self.clipping_policy
         module.grad_scaler = self.grad_scaler
         self.modules.append(module)
@@ -307,8 +312,11 @@ class DPOptimizer(Optimizer):
 
     def attach_owners(self) -> None:
         """Attach every live GradSampleModule that owns one of this optimizer's parameters."""
-        ids = {id(p) for p in self.params}
+        ids = None
         for module in list(LIVE_MODULES):
+            if any(module is m for m in self.modules):
+                continue
+            ids = {id(p) for p in self.params} if ids is None else ids
             if any(id(p) in ids for p in module.parameters()):
                 self.attach(module)
 
