@@ -72,7 +72,7 @@ class GradSampleHooks:
 
     @property
     def hooks_enabled(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) and self._gsm.hooks_enabled
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
