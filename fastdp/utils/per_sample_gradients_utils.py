@@ -56,7 +56,7 @@ class ModelWithLoss(nn.Module):
         self.criterion = nn.L1Loss(reduction=loss_reduction)
 
     def forward(self, x):
-        out = self.wrapped_module(*x) if isinstance(x, tuple) else self.wrapped_module(x)
+        out = self.wrapped_module(*x) if type(x) is tuple else self.wrapped_module(x)  # not a PackedSequence
         if isinstance(out, PackedSequence):
             return _packed_l1_loss(self.criterion, out)
         return self.criterion(out, torch.zeros_like(out))
@@ -90,7 +90,7 @@ def compute_microbatch_grad_sample(x: Union[torch.Tensor, List[torch.Tensor]], m
             x = x.transpose(0, 1)
         for sample in chunk_method(x):
             model.zero_grad()
-            if not isinstance(sample, tuple):
+            if type(sample) is not tuple:
                 sample = sample.unsqueeze(0 if batch_first else 1)
             model(sample).backward()
             rows.append({n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
