@@ -211,3 +211,18 @@ def test_wrapping_a_dp_optimizer_again_is_refused():
                         expected_batch_size=B)
     with pytest.raises(ValueError, match="already a DPOptimizer"):
         DPOptimizer(inner, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
+
+
+def test_a_forward_with_grad_after_the_step_is_not_a_second_batch():
+    """Under Poisson sampling a second batch before step() is refused at its forward; after step() the
+    backward was consumed, so e.g. an accuracy forward (with grad) before zero_grad() is fine."""
+    model, x, y = _model_and_batch()
+    module, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+        noise_multiplier=1.0, max_grad_norm=C,
+    )
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    module(x).argmax(1)  # not refused
+    optimizer.zero_grad()

@@ -37,11 +37,11 @@ from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE
 
 MODES = ("bk", "hooks", "functorch")
+MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
 
 #: every live GradSampleModule, so that a DPOptimizer built by hand (Opacus's "under the hood" wiring)
 #: finds and attaches the module(s) owning its parameters (``DPOptimizer.attach_owners``)
 LIVE_MODULES: "weakref.WeakSet[GradSampleModule]" = weakref.WeakSet()
-MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
 
 
 def check_loss_reduction(value) -> str:

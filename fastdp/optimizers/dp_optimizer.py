@@ -529,6 +529,7 @@ class DPOptimizer(Optimizer):
         self._needs_zero_grad = True
         if self._check_skip_next_step():
             self._skipped_steps += 1
+            self._consume_backward_passes()
             return False
         if self._stages_overridden():
             self.add_noise()
@@ -540,7 +541,13 @@ class DPOptimizer(Optimizer):
         if isinstance(self.clipping_policy, AdaptiveClipping):
             self.clipping_policy.update(self.expected_batch_size, self.generator)
         self._skipped_steps = 0
+        self._consume_backward_passes()
         return True
+
+    def _consume_backward_passes(self) -> None:
+        """The backward passes counted so far went into this step: a next batch is a new one."""
+        for module in self.modules:
+            module.backward_passes = 0
 
     def step(self, closure=None):
         if closure is not None:
