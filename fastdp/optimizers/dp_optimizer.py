@@ -163,6 +163,7 @@ class DPOptimizer(Optimizer):
         self.clipping_policy = self._make_policy(clipping, max_grad_norm, clipping_kwargs)
         self.step_hook: Optional[Callable] = None
         self.modules: List[nn.Module] = []
+        self._covered: set = set()  # ids of the attached modules' parameters
         self._skipped_steps = 0  # virtual steps since the last real one (BatchMemoryManager)
         self._skip_next = False  # the next step() is a virtual one
         self._needs_zero_grad = False  # a step() ran and zero_grad() has not since
@@ -302,6 +303,7 @@ class DPOptimizer(Optimizer):
         module.clipping = self.clipping_policy
         module.grad_scaler = self.grad_scaler
         self.modules.append(module)
+        self._covered.update(id(p) for p in module.parameters())
         if getattr(module, "_retained_step", None) is not None:  # a backward that waited for a policy
             if isinstance(self.clipping_policy, PerLayerClipping):
                 raise ValueError(
@@ -403,7 +405,7 @@ class DPOptimizer(Optimizer):
 
     def _covered_ids(self) -> set:
         """ids of the parameters whose clipping the attached modules do inside the backward."""
-        return {id(p) for module in self.modules for p in module.parameters()}
+        return self._covered
 
     @staticmethod
     def _add_to_summed(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -420,11 +422,12 @@ class DPOptimizer(Optimizer):
         the sum, moved here without a copy. The others are clipped here from ``p.grad_sample`` with this
         optimizer's policy (Opacus's optimizer-side clipping)."""
         covered = self._covered_ids()
-        loose = [p for p in self.params if id(p) not in covered]
+        params = self.params
+        loose = [p for p in params if id(p) not in covered]
         if loose:
-            self._clip_grad_samples(loose, mixed=len(loose) < len(self.params))
-        for p in self.params:
-            if id(p) in covered and p.grad is not None:
+            self._clip_grad_samples(loose, mixed=len(loose) < len(params))
+        for p in params:
+            if p.grad is not None and id(p) in covered:
                 self._add_to_summed(p, p.grad.detach())
                 p.grad = None
 
@@ -494,11 +497,9 @@ class DPOptimizer(Optimizer):
         add_noise_and_scale(flat, std, factor, self.generator)
         self._sum_over_ranks(flat)
         offset = 0
-        for p in params:
+        for p in params:  # (a second use of these sums is refused by the zero_grad check, not by marks)
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
             offset += p.numel()
-            if p.summed_grad is not None:
-                _mark_as_processed(p.summed_grad)
 
     def _adds_noise(self) -> bool:
         """Whether this process draws the noise (DistributedDPOptimizer: one rank of all)."""
