@@ -68,6 +68,15 @@ EXCLUDED: Dict[str, str] = {
         "reads p._norm_sample, the per-parameter norms of Opacus's two-pass ghost clipping",
     "*grad_sample_module_fast_gradient_clipping_test.py::*::test_norm_calculation_fast_gradient_clipping":
         "reads p._norm_sample, the per-parameter norms of Opacus's two-pass ghost clipping",
+    "*privacy_engine_validation_test.py::*::test_custom_linear_hooks":
+        "reads gsm._module.ft_compute_sample_grad, Opacus's functorch attribute on the wrapped model",
+    "*privacy_engine_validation_test.py::*::test_unsupported_hooks":
+        "reads gsm._module.ft_compute_sample_grad, Opacus's functorch attribute on the wrapped model",
+    "*privacy_engine_validation_test.py::*::test_extra_param_hooks_requires_grad":
+        "reads gsm._module.ft_compute_sample_grad, Opacus's functorch attribute on the wrapped model",
+    "*privacy_engine_validation_test.py::*::test_unsupported_ew":
+        "asserts that torch's ExpandedWeights cannot run torch.matmul; fastdp's 'ew' is its hooks mode, whose "
+        "torch.func fallback can",
     "*distributed_poisson_test.py::*::test_separate_batches":
         "iterates the sampler's indices as tensors (i.item()); fastdp's samplers yield lists of ints, which "
         "DataLoader takes alike",

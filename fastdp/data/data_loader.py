@@ -400,7 +400,7 @@ def switch_generator(*, data_loader: DataLoader, generator) -> DataLoader:
     """A copy of ``data_loader`` whose sampling draws from ``generator`` (e.g. the CSPRNG of secure mode).
 
     Poisson batch samplers are rebuilt with it; a ``BatchSampler`` over a ``RandomSampler`` gets a new
-    ``RandomSampler`` with it; a sequential loader draws nothing and is returned as is.
+    ``RandomSampler`` with it; a sequential loader draws nothing: an error.
     """
     batch_sampler = data_loader.batch_sampler
     if isinstance(batch_sampler, UniformWithReplacementSampler):
@@ -422,7 +422,10 @@ def switch_generator(*, data_loader: DataLoader, generator) -> DataLoader:
             batch_size=batch_sampler.batch_size, drop_last=batch_sampler.drop_last,
         )
     elif batch_sampler is None or isinstance(getattr(batch_sampler, "sampler", None), SequentialSampler):
-        return data_loader
+        raise ValueError(
+            "switch_generator: data_loader reads its data in order and draws nothing, so there is no generator to "
+            "switch; shuffle (shuffle=True) or use a DPDataLoader"
+        )
     else:
         raise ValueError(
             f"switch_generator cannot rebuild a {type(batch_sampler).__name__} with another generator; use a "
