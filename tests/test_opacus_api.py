@@ -104,7 +104,10 @@ def test_wrap_model_false_trains_the_original_model_object():
 
     wrapped, _ = run(True)
     hooked, hooks = run(False)
-    assert isinstance(hooks, GradSampleHooks) and not isinstance(hooks, nn.Module)
+    assert isinstance(hooks, GradSampleHooks) and not isinstance(hooks, nn.Module) and hooks.hooks_enabled
+    hooks.disable_hooks()
+    assert not hooks.hooks_enabled
+    hooks.enable_hooks()
     for p, q in zip(wrapped.parameters(), hooked.parameters()):
         torch.testing.assert_close(p, q)
     hooks.cleanup()
@@ -298,6 +301,8 @@ def test_switch_generator_reproduces_poisson_batches():
     first = [b[0].tolist() for b in switch_generator(data_loader=loader, generator=torch.Generator().manual_seed(3))]
     again = [b[0].tolist() for b in switch_generator(data_loader=loader, generator=torch.Generator().manual_seed(3))]
     assert first == again and len(first) == 10
+    with pytest.raises(ValueError, match="draws nothing"):  # a sequential loader has no generator to switch
+        switch_generator(data_loader=DataLoader(data, batch_size=10), generator=torch.Generator())
 
 
 def test_from_data_loader_distributed_splits_a_whole_dataset_loader():
