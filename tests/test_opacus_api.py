@@ -364,3 +364,28 @@ def test_no_op_mode_clips_per_sample_gradients_you_compute_with_torch_func():
     F.cross_entropy(module(x), y).backward()  # a plain backward in no_op mode is non-private: refused
     with pytest.raises(ValueError, match="non-private"):
         optimizer.step()
+
+
+def test_gradsamplemodule_opacus_surface():
+    """BatchNorm refused with Opacus's NotImplementedError (still a ValueError); with disable_hooks nothing is
+    captured and a non-private gradient is refused, not written; cleanup leaves a plain model."""
+    with pytest.raises(NotImplementedError):
+        GradSampleModule(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError):
+        GradSampleModule(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    gsm = get_gsm_class("hooks")(layer, loss_reduction="sum")
+    gsm.disable_hooks()
+    assert not gsm.hooks_enabled
+    with pytest.raises(ValueError, match="outside the engine's capture"):
+        gsm(torch.randn(4, 3)).sum().backward()
+    assert layer.weight.grad is None and getattr(layer.weight, "grad_sample", None) is None
+    gsm.zero_grad()
+    gsm.enable_hooks()
+    gsm(torch.randn(4, 3)).sum().backward()
+    assert layer.weight.grad_sample.shape == (4, 2, 3)
+    gsm.cleanup()
+    assert not hasattr(layer.weight, "grad_sample")
+    layer(torch.randn(4, 3)).sum().backward()  # a plain model again
+    assert layer.weight.grad is not None

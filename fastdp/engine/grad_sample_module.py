@@ -254,7 +254,9 @@ class GradSampleModule(nn.Module):
         return self._capturing
 
     def disable_hooks(self) -> None:
-        """Forward and backward as plain autograd (non-private gradients) until ``enable_hooks()``."""
+        """Stop capturing until ``enable_hooks()``: forwards run the plain layers (no recorded activations).
+        A backward reaching a parameter then raises, as fastdp never lets a non-private gradient into
+        ``p.grad``; ``to_standard_module()`` / ``cleanup()`` give a plain model for non-private training."""
         self._capturing = False
 
     def enable_hooks(self) -> None:
