@@ -10,11 +10,12 @@ from .dp_optimizer import DPOptimizer
 
 
 class AdaClipDPOptimizer(DPOptimizer):
-    """``DPOptimizer(clipping="adaptive")`` with Opacus's constructor; the bound follows the
-    ``target_unclipped_quantile`` of the per-sample norms within [min_clipbound, max_clipbound]."""
+    """``DPOptimizer(clipping="adaptive")`` with Opacus's constructor (fastdp's defaults where Opacus has
+    none); the bound follows the ``target_unclipped_quantile`` of the per-sample norms within
+    [min_clipbound, max_clipbound]."""
 
-    def __init__(self, optimizer, *, noise_multiplier: float, target_unclipped_quantile: float,
-                 clipbound_learning_rate: float, unclipped_num_std: float, max_grad_norm: float,
+    def __init__(self, optimizer, *, noise_multiplier: float, unclipped_num_std: float, max_grad_norm: float,
+                 target_unclipped_quantile: float = 0.5, clipbound_learning_rate: float = 0.2,
                  max_clipbound: float = 1e3, min_clipbound: float = 1e-3, expected_batch_size, loss_reduction: str = "mean",
                  generator=None, secure_mode: bool = False, **kwargs):
         kwargs.pop("clipping", None)
