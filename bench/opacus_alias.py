@@ -83,6 +83,19 @@ def _stub_torchvision_ops() -> None:
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
 
 
+def _limit_hypothesis_examples() -> None:
+    """``FASTDP_SUITE_MAX_EXAMPLES=N``: hypothesis tests draw at most N examples (both targets alike), so the
+    suite fits a 2-core machine; it must be set before the test modules are imported (their @settings
+    inherit it)."""
+    limit = int(os.environ.get("FASTDP_SUITE_MAX_EXAMPLES", "0") or 0)
+    if limit > 0:
+        from hypothesis import settings
+
+        settings.register_profile("fastdp-opacus-suite", max_examples=limit)
+        settings.load_profile("fastdp-opacus-suite")
+
+
 _stub_torchvision_ops()
+_limit_hypothesis_examples()
 if os.environ.get("FASTDP_OPACUS_TESTS"):  # unset: the plugin only fixes torchvision (the run on Opacus itself)
     install(os.environ["FASTDP_OPACUS_TESTS"])

@@ -10,7 +10,9 @@ What it does:
 
 1. ``pip download opacus==1.6.0 --no-deps --no-binary :all:`` into the cache folder (``--cache``, default
    ``~/.cache/fastdp-opacus-suite``, outside the source tree) and unpacks the sdist there.
-2. For each selected test file, one ``python -m pytest`` process per target, with a junit report:
+2. For each selected test file (``--by-class``: each test class), one ``python -m pytest`` process per
+   target, with a junit report; hypothesis tests draw at most ``--max-examples`` examples (default 10,
+   the same on both targets; 0 keeps hypothesis's 100), which is what makes the suite fit 2 cores:
    - ``fastdp``: ``-p bench.opacus_alias`` maps ``opacus`` and every ``opacus.X.Y`` onto ``fastdp`` /
      ``fastdp.X.Y`` (``opacus.tests`` stays the sdist's);
    - ``opacus``: the sdist's own ``opacus`` package. It needs ``opt_einsum``; when it is not importable,
@@ -139,13 +141,7 @@ def test_files(root: Path, patterns: List[str]) -> List[str]:
     return chosen
 
 
-def run_file(root: Path, target: str, path: str, *, cache: Path, extra_path: List[str], timeout: float) -> dict:
-    """One pytest process on one test file; {test id: outcome} (a file that did not finish: every
-    test it reported, and '<file>' → 'timeout' / 'crashed')."""
-    report = cache / "junit" / target / (path.replace("/", "__") + ".xml")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    if report.exists():
-        report.unlink()
+def _environment(root: Path, target: str, cache: Path, extra_path: List[str], max_examples: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("FASTDP_OPACUS_TESTS",)}
     paths = [str(REPO_ROOT)]
     if target == "fastdp":
@@ -153,8 +149,41 @@ def run_file(root: Path, target: str, path: str, *, cache: Path, extra_path: Lis
     else:
         paths = [str(root), str(ensure_opacus_deps(cache))] + paths
     env["PYTHONPATH"] = os.pathsep.join(paths + extra_path)
+    env["FASTDP_SUITE_MAX_EXAMPLES"] = str(max_examples)
+    return env
+
+
+def test_classes(root: Path, path: str, env: dict) -> List[str]:
+    """The node ids ``file::Class`` of a test file (collected on the target), for per-class processes."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p",
+                           "bench.opacus_alias", path], cwd=root, env=env, capture_output=True, text=True)
+    classes = []
+    for line in proc.stdout.splitlines():
+        parts = line.strip().split("::")
+        if len(parts) >= 3 and parts[0] == path and "::".join(parts[:2]) not in classes:
+            classes.append("::".join(parts[:2]))
+    return classes or [path]
+
+
+def run_file(root: Path, target: str, path: str, *, cache: Path, extra_path: List[str], timeout: float,
+             max_examples: int = 0, by_class: bool = False) -> dict:
+    """One pytest process per test file (``by_class``: per test class); {test id: outcome} (a process that
+    did not finish: every test it reported, and '<node>' → 'timeout' / 'crashed')."""
+    env = _environment(root, target, cache, extra_path, max_examples)
+    nodes = test_classes(root, path, env) if by_class else [path]
+    outcomes: Dict[str, str] = {}
+    for node in nodes:
+        outcomes.update(_run_node(root, target, path, node, env=env, cache=cache, timeout=timeout))
+    return outcomes
+
+
+def _run_node(root: Path, target: str, path: str, node: str, *, env: dict, cache: Path, timeout: float) -> dict:
+    report = cache / "junit" / target / (node.replace("/", "__").replace("::", "__") + ".xml")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    if report.exists():
+        report.unlink()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.opacus_alias",
-               f"--junitxml={report}", "-o", "junit_family=xunit1", path]
+               f"--junitxml={report}", "-o", "junit_family=xunit1", node]
     started = time.time()
     try:
         proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -165,8 +194,8 @@ def run_file(root: Path, target: str, path: str, *, cache: Path, extra_path: Lis
     (report.with_suffix(".log")).write_text(log)
     outcomes = parse_junit(report, path) if report.exists() else {}
     if status is not None and not outcomes:
-        outcomes[f"{path}::<file>"] = status
-    print(f"  {target:7s} {path}: {sum(v == 'passed' for v in outcomes.values())}/{len(outcomes)} passed"
+        outcomes[f"{node}::<file>" if node == path else f"{node}::<class>"] = status
+    print(f"  {target:7s} {node}: {sum(v == 'passed' for v in outcomes.values())}/{len(outcomes)} passed"
           f"{' (' + status + ')' if status else ''} in {time.time() - started:.0f}s", flush=True)
     return outcomes
 
@@ -237,7 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--target", choices=("fastdp", "opacus", "both"), default="both")
     parser.add_argument("--files", nargs="*", default=[], help="substrings of test file paths (default: all)")
     parser.add_argument("--extra-path", action="append", default=[], help="folders added to PYTHONPATH (torchvision)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per test file and target")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per test process")
+    parser.add_argument("--max-examples", type=int, default=10,
+                        help="cap on hypothesis examples per test, both targets alike (0: hypothesis's own)")
+    parser.add_argument("--by-class", action="store_true", help="one process per test class (long files)")
     parser.add_argument("--table", action="store_true", help="only print the table of recorded results")
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
@@ -248,7 +280,8 @@ def main(argv=None) -> int:
             for target in targets:
                 results = load(cache, target)
                 results[path] = run_file(root, target, path, cache=cache, extra_path=args.extra_path,
-                                         timeout=args.timeout)
+                                         timeout=args.timeout, max_examples=args.max_examples,
+                                         by_class=args.by_class)
                 save(cache, target, results)
     print(table(cache))
     return 0
