@@ -52,6 +52,10 @@ EXCLUDED: Dict[str, str] = {
     "*module_validator_test.py::*::test_is_valid_non_learnable_bn":
         "Opacus accepts a parameterless BatchNorm in train mode, which mixes the samples of a batch into the "
         "gradients of the layers before it (a privacy failure); fastdp refuses it",
+    "*privacy_engine_test.py::PrivacyEngineText*::test_make_private_with_epsilon":
+        "trains a sequence-first model without batch_first=False: Opacus then takes the 12 time steps for 12 "
+        "samples and clips per time step (a silent privacy failure; the test only checks epsilon); fastdp "
+        "refuses the mismatched batch sizes",
     # Opacus internals
     "*accountants_test.py::*::test_prv_accountant":
         "checks Opacus's PRV grid's number to 7 decimal places; fastdp's PRV gives 6.77693 vs 6.77740, within "
