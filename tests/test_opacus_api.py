@@ -389,3 +389,11 @@ def test_gradsamplemodule_opacus_surface():
     assert not hasattr(layer.weight, "grad_sample")
     layer(torch.randn(4, 3)).sum().backward()  # a plain model again
     assert layer.weight.grad is not None
+
+
+def test_switch_generator_on_a_shuffled_loader_matches_a_loader_built_with_that_generator():
+    data = TensorDataset(torch.arange(80.0))
+    built = [b[0].tolist() for b in DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))]
+    source = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(99))
+    switched = [b[0].tolist() for b in switch_generator(data_loader=source, generator=torch.Generator().manual_seed(5))]
+    assert switched == built

@@ -431,9 +431,11 @@ def switch_generator(*, data_loader: DataLoader, generator) -> DataLoader:
             f"switch_generator cannot rebuild a {type(batch_sampler).__name__} with another generator; use a "
             "DPDataLoader, or a DataLoader with shuffle=True"
         )
+    loader_generator = generator if isinstance(generator, torch.Generator) else None  # workers' seeds, as torch
     if isinstance(data_loader, DPDataLoader):
         copy_ = copy.copy(data_loader)
-        object.__setattr__(copy_, "batch_sampler", batch_sampler)  # DataLoader forbids setting it after init
+        object.__setattr__(copy_, "batch_sampler", batch_sampler)  # DataLoader forbids setting these after init
+        object.__setattr__(copy_, "generator", loader_generator)
         return copy_
     return DataLoader(data_loader.dataset, batch_sampler=batch_sampler, collate_fn=data_loader.collate_fn,
-                      **worker_settings(data_loader))
+                      generator=loader_generator, **worker_settings(data_loader))
