@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PrivacyEngine": "fastdp.privacy_engine",
     "GradSampleModule": "fastdp.engine.grad_sample_module",
+    "GradSampleModuleFastGradientClipping": "fastdp.grad_sample",
     "DPOptimizer": "fastdp.optimizers",
     "DPDataLoader": "fastdp.data",
     "BatchMemoryManager": "fastdp.utils.batch_memory_manager",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from . import accountants
     from .data import DPDataLoader
     from .engine.grad_sample_module import GradSampleModule
+    from .grad_sample import GradSampleModuleFastGradientClipping
     from .engine.rules import LayerRule, register_grad_sampler, register_rule, register_rule_by_name
     from .graphed_step import make_graphed_dp_step
     from .layers import DPGRU, DPLSTM, DPMultiheadAttention, DPRNN

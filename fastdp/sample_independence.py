@@ -126,7 +126,8 @@ def _copy(model: nn.Module, *, engine: bool) -> nn.Module:
     if not isinstance(copied, GradSampleModule):
         return GradSampleModule(copied, loss_reduction="sum", mode="hooks") if engine else copied
     copied.mode, copied.clipping, copied.grad_scaler = "hooks", None, None
-    copied._capturing = engine  # not capturing: routed layers run their plain forward
+    copied._capturing = engine  # not capturing: routed layers run their plain forward,
+    copied._plain_autograd = not engine  # and their parameters get plain autograd gradients
     return copied
 
 

@@ -271,11 +271,12 @@ def ddp_bad_input(rank, world_size):
             module=DPDDP(model), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, **arguments
         )
 
-    with pytest.raises(ValueError, match="DistributedSampler"):
-        make_private(DataLoader(data, batch_size=8, shuffle=True))
-    with pytest.raises(ValueError, match="DistributedSampler"):
-        make_private(DPDataLoader(data, sample_rate=0.1))  # each rank would sample the whole dataset
-    with pytest.raises(ValueError, match="DistributedSampler"):
+    # Opacus's DDP tutorial: the same loader over the whole dataset on every rank is split into the ranks'
+    # shares of one Poisson sample at the loader's rate (the global expected batch is its batch size)
+    for whole in (DataLoader(data, batch_size=8, shuffle=True), DPDataLoader(data, sample_rate=8 / N)):
+        _, _, split = make_private(whole)
+        assert split.distributed and split.sample_rate == pytest.approx(8 / N)
+    with pytest.raises(ValueError, match="DistributedSampler"):  # without Poisson sampling it cannot be split
         make_private(DataLoader(data, batch_size=8, shuffle=True), poisson_sampling=False)
     with pytest.raises(ValueError, match="over 3 ranks but the process group has 2"):
         make_private(DataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=3, rank=rank)))
@@ -406,8 +407,8 @@ def fsdp_bad_input(rank, world_size):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="no fastdp layer rule"):
         make_private(shard(nn.Sequential(nn.Linear(FEATURES, 4), Scale(4), nn.Linear(4, CLASSES))))
-    with pytest.raises(ValueError, match="DistributedSampler"):
-        make_private(shard(fsdp_model()), DataLoader(data, batch_size=8, shuffle=True))
+    _, _, split = make_private(shard(fsdp_model()), DataLoader(data, batch_size=8, shuffle=True))
+    assert split.distributed  # a whole-dataset loader is split into the ranks' Poisson shares (as Opacus)
     module, optimizer, loader = make_private(shard(fsdp_model()))
     with pytest.raises(ValueError, match="BatchMemoryManager cannot split batches under FSDP"):
         optimizer.signal_skip_step(True)

@@ -12,7 +12,7 @@ from .subprocesses import python_output
 ROOT = Path(__file__).resolve().parent.parent
 
 # what `from fastdp import X` gave in 0.1.0, before imports became lazy
-PUBLIC_NAMES = ["PrivacyEngine", "GradSampleModule", "DPOptimizer", "DPDataLoader", "BatchMemoryManager",
+PUBLIC_NAMES = ["PrivacyEngine", "GradSampleModule", "GradSampleModuleFastGradientClipping", "DPOptimizer", "DPDataLoader", "BatchMemoryManager",
                 "make_graphed_dp_step", "check_sample_independence", "ModuleValidator", "LayerRule", "register_rule",
                 "register_rule_by_name", "register_grad_sampler", "DPLSTM", "DPGRU", "DPRNN", "DPMultiheadAttention"]
 

@@ -164,10 +164,15 @@ def test_two_backward_passes_per_step_is_an_error():
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
     )
     batches = iter(dp_loader)
-    for _ in range(2):
-        x, y = next(batches)
+    x, y = next(batches)
+    F.cross_entropy(module(x), y).backward()
+    x, y = next(batches)
+    with pytest.raises(ValueError, match="BatchMemoryManager"):  # the second batch's forward (Opacus: its backward)
         F.cross_entropy(module(x), y).backward()
-    with pytest.raises(ValueError, match="BatchMemoryManager"):
+    with pytest.raises(ValueError, match="BatchMemoryManager"):  # and the step, if the check was bypassed
+        module.allow_grad_accumulation()
+        F.cross_entropy(module(x), y).backward()
+        module.forbid_grad_accumulation()
         dp_opt.step()
 
 

@@ -20,6 +20,11 @@ Segment = Tuple[float, float, int]
 class IAccountant(abc.ABC):
     """Base class: subclasses implement :meth:`get_epsilon` and :meth:`mechanism`."""
 
+    #: whether ``get_epsilon`` is a valid upper bound on the true ε (False: an approximation, e.g. the
+    #: CLT of GDP, which can under-report). Budgets are never calibrated with an approximation alone
+    #: (``get_noise_multiplier`` warns, ``PrivacyEngine.make_private_with_epsilon`` calibrates with PRV).
+    is_upper_bound: bool = True
+
     def __init__(self):
         self.history: List[Segment] = []
 
@@ -58,10 +63,16 @@ class IAccountant(abc.ABC):
         return destination
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a history saved by :meth:`state_dict` (of any accountant)."""
-        if state_dict is None or "history" not in state_dict:
+        """Restore a history saved by :meth:`state_dict` of an accountant of the same mechanism."""
+        if not isinstance(state_dict, dict) or "history" not in state_dict or "mechanism" not in state_dict:
             raise ValueError(
-                "state_dict must be a dict with a 'history' key, as returned by accountant.state_dict()"
+                "state_dict must be a dict with 'history' and 'mechanism' keys, as returned by accountant.state_dict()"
+            )
+        if state_dict["mechanism"] != self.mechanism():
+            raise ValueError(
+                f"state_dict is of a {state_dict['mechanism']!r} accountant and cannot be loaded into a "
+                f"{self.mechanism()!r} one; create the accountant (or PrivacyEngine) with "
+                f"accountant={state_dict['mechanism']!r}"
             )
         self.history = check_history(copy.deepcopy(state_dict["history"]))
 

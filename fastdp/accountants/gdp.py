@@ -16,6 +16,8 @@ class GaussianAccountant(IAccountant):
     few steps. Prefer "prv" or "pld"; "rdp" for a cheap valid bound.
     """
 
+    is_upper_bound = False
+
     @classmethod
     def mechanism(cls) -> str:
         return "gdp"

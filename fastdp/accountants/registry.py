@@ -9,11 +9,19 @@ from .accountant import IAccountant
 _ACCOUNTANTS: Dict[str, Type[IAccountant]] = {}
 
 
-def register_accountant(name: str, cls: Type[IAccountant]) -> None:
-    """Make ``create_accountant(name)`` return an instance of ``cls``."""
-    if not (isinstance(cls, type) and issubclass(cls, IAccountant)):
-        raise ValueError(f"cls must be a subclass of fastdp.accountants.IAccountant, got {cls!r}")
-    _ACCOUNTANTS[name] = cls
+def register_accountant(mechanism: str, accountant: Type[IAccountant], force: bool = False) -> None:
+    """Make ``create_accountant(mechanism)`` return an instance of ``accountant``.
+
+    A name already registered (the built-in "rdp", "prv", "pld", "gdp" included) is refused unless
+    ``force=True``, so that no import can silently replace an accountant (Opacus semantics)."""
+    if not (isinstance(accountant, type) and issubclass(accountant, IAccountant)):
+        raise ValueError(f"accountant must be a subclass of fastdp.accountants.IAccountant, got {accountant!r}")
+    if mechanism in _ACCOUNTANTS and not force and _ACCOUNTANTS[mechanism] is not accountant:
+        raise ValueError(
+            f"an accountant is already registered for {mechanism!r} ({_ACCOUNTANTS[mechanism].__name__}); "
+            "pass force=True to replace it"
+        )
+    _ACCOUNTANTS[mechanism] = accountant
 
 
 def available_accountants():

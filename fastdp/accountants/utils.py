@@ -37,6 +37,11 @@ def get_noise_multiplier(
 ) -> float:
     """The smallest σ (to within ``epsilon_tolerance`` in ε) whose ε does not exceed the target.
 
+    With an accountant whose ε is an approximation (``is_upper_bound = False``: "gdp"), the σ is that
+    approximation's, as in Opacus, and a warning says that its true ε can exceed the target (with
+    "gdp", q = 0.1, 20 steps and a target of 2, PRV and PLD give 2.9); calibrate with "prv" or "pld"
+    for a guarantee.
+
     Bisection on σ that only ever moves its upper end to a σ whose ε was computed
     and found below the target, so the returned σ never overshoots the budget
     under the chosen accountant. It stops when ε is within ``epsilon_tolerance``
@@ -51,6 +56,14 @@ def get_noise_multiplier(
         raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance!r}")
     steps = steps_from_epochs(epochs=epochs, steps=steps, sample_rate=sample_rate)
     acc = create_accountant(accountant)
+    if not acc.is_upper_bound:
+        warnings.warn(
+            f"get_noise_multiplier(accountant={accountant!r}): that accountant's epsilon is an approximation, so "
+            "the true epsilon of the returned sigma can exceed target_epsilon; use accountant='prv' or 'pld' for "
+            "a sigma whose epsilon is guaranteed not to",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def epsilon(sigma: float) -> float:
         acc.history = [(sigma, sample_rate, steps)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -41,14 +42,30 @@ def _map_samples(batch: Any, on_tensor: Callable, on_values: Callable, path: str
             return on_values(batch)
         return type(batch)(_map_samples(item, on_tensor, on_values, f"{path}[{i}]") for i, item in enumerate(batch))
     raise TypeError(
-        f"DPDataLoader cannot build an empty or padded Poisson batch: collate_fn output holds a "
+        f"Unsupported batch type: DPDataLoader cannot build an empty or padded Poisson batch: collate_fn output holds a "
         f"{type(batch).__name__} at {path}; make collate_fn return tensors (or per-sample lists) there"
     )
 
 
-def _empty_batch_like(batch: Any) -> Any:
-    """``batch`` with every sample removed: tensors keep dtype, device and trailing shape."""
-    return _map_samples(batch, lambda tensor: tensor[:0], lambda values: type(values)())
+def _empty_batch_like(batch: Any, batch_first: bool = True) -> Any:
+    """``batch`` with every sample removed: tensors keep dtype, device and their other dimensions
+    (the batch dimension is 0, or 1 with ``batch_first=False`` for tensors of 2+ dimensions)."""
+
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, :0] if not batch_first and tensor.dim() >= 2 else tensor[:0]
+
+    return _map_samples(batch, empty, lambda values: type(values)())
+
+
+def _random_batch_like(batch: Any, batch_first: bool = True) -> Any:
+    """One made-up sample of 0/1 values in ``batch``'s structure (Opacus's ``rand_on_empty``)."""
+
+    def one(tensor: torch.Tensor) -> torch.Tensor:
+        shape = list(tensor.shape)
+        shape[1 if not batch_first and tensor.dim() >= 2 else 0] = 1
+        return torch.randint(0, 2, shape, device=tensor.device).to(tensor.dtype)
+
+    return _map_samples(batch, one, lambda values: type(values)([None]))
 
 
 def _padded(batch: Any, size: int) -> Any:
@@ -115,12 +132,17 @@ class CollateWithEmptyBatches:
     """
 
     def __init__(
-        self, collate_fn: Callable[[List[Any]], Any], first_sample: Any, padded_batch_size: Optional[int] = None
+        self, collate_fn: Callable[[List[Any]], Any], first_sample: Any, padded_batch_size: Optional[int] = None,
+        batch_first: bool = True, rand_on_empty: bool = False,
     ):
         self.collate_fn = collate_fn
         self.padded_batch_size = padded_batch_size
+        self.batch_first = batch_first
+        self.rand_on_empty = rand_on_empty
+        if rand_on_empty and padded_batch_size is not None:
+            raise ValueError("rand_on_empty and padded_batch_size exclude each other (padding already fixes shapes)")
         try:
-            self.empty_batch, self.unsupported = _empty_batch_like(collate_fn([first_sample])), None
+            self.empty_batch, self.unsupported = _empty_batch_like(collate_fn([first_sample]), batch_first), None
         except TypeError as error:  # only fatal if an empty batch is ever drawn, or every batch is padded
             if padded_batch_size is not None:
                 raise
@@ -134,7 +156,10 @@ class CollateWithEmptyBatches:
         elif self.unsupported is not None:
             raise self.unsupported
         else:
-            batch = _empty_batch_like(self.empty_batch)  # fresh containers: callers may mutate a batch
+            template = self.empty_batch  # fresh containers: callers may mutate a batch
+            if self.rand_on_empty:  # one made-up sample: not data, so privacy is unaffected; its clipped gradient enters the step
+                return _random_batch_like(template, self.batch_first)
+            batch = _empty_batch_like(template, self.batch_first)
         if self.padded_batch_size is None:
             return batch
         mask = torch.zeros(max(len(samples), self.padded_batch_size))
@@ -219,6 +244,11 @@ class DPDataLoader(DataLoader):
     of one Poisson sample of the whole dataset per step (``DistributedUniformWithReplacementSampler``;
     construct it on every rank, it agrees a sampling seed with one broadcast). ``sample_rate`` is
     the global rate and ``expected_batch_size`` the global mean batch, summed over ranks.
+
+    ``batch_first=False``: an empty batch is empty along dimension 1 (sequence-first tensors).
+    ``rand_on_empty=True`` (Opacus): an empty Poisson batch is replaced by one made-up sample of 0/1
+    values, for models that cannot run on an empty batch. It is not data, so privacy is unaffected,
+    but its clipped gradient (at most C) enters that step's sum.
     """
 
     def __init__(
@@ -231,6 +261,8 @@ class DPDataLoader(DataLoader):
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
         padded_batch_size: Optional[int] = None,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
         **kwargs,
     ):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
@@ -260,7 +292,8 @@ class DPDataLoader(DataLoader):
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=CollateWithEmptyBatches(
-                default_collate if collate_fn is None else collate_fn, dataset[0], padded_batch_size
+                default_collate if collate_fn is None else collate_fn, dataset[0], padded_batch_size,
+                batch_first=batch_first, rand_on_empty=rand_on_empty,
             ),
             generator=None if isinstance(generator, SecureRandom) else generator,  # workers' seeds only
             **kwargs,
@@ -301,6 +334,8 @@ class DPDataLoader(DataLoader):
         generator: Optional[torch.Generator] = None,
         distributed: bool = False,
         padded_batch_size: Optional[int] = None,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
     ) -> "DPDataLoader":
         """A DPDataLoader over ``data_loader``'s dataset with the same mean batch size.
 
@@ -313,15 +348,23 @@ class DPDataLoader(DataLoader):
         split the dataset over the ranks, with ``sampler=DistributedSampler(dataset)`` (its
         ``batch_size`` is per rank, so the global expected batch is world size × batch_size and
         ``sample_rate = 1 / len(data_loader)``) or as a distributed DPDataLoader (its rate is kept).
-        A loader over the whole dataset is refused rather than guessed at: converted on every
-        rank it would sample each example once per rank.
+        A loader over the whole dataset (Opacus's DDP tutorial: the same ``DataLoader(ds,
+        batch_size=64)`` on every rank) is split as Opacus does: ``sample_rate = 1 / len(data_loader)``
+        is the *global* rate, each rank draws its share of one Poisson sample (the global expected
+        batch is ``batch_size``, about ``batch_size / world_size`` per rank).
+        ``batch_first`` / ``rand_on_empty``: see the class.
         """
         if data_loader.batch_sampler is None:
             raise ValueError(
                 "data_loader has batch_size=None (no automatic batching); DPDataLoader draws the "
                 "batches itself, so build data_loader with a batch_size"
             )
-        sample_rate = distributed_sample_rate(data_loader) if distributed else 1 / len(data_loader)
+        if distributed and _replicas(data_loader) == 1 and not isinstance(
+            data_loader.batch_sampler, DistributedUniformWithReplacementSampler
+        ):
+            sample_rate = 1 / len(data_loader)  # the whole dataset's loader: its rate is the global one
+        else:
+            sample_rate = distributed_sample_rate(data_loader) if distributed else 1 / len(data_loader)
         if not distributed and _replicas(data_loader) > 1:
             raise ValueError(
                 f"data_loader splits the dataset over {_replicas(data_loader)} ranks; pass distributed=True "
@@ -347,5 +390,52 @@ class DPDataLoader(DataLoader):
             padded_batch_size=(
                 padded_batch_size if padded_batch_size is not None else getattr(data_loader, "padded_batch_size", None)
             ),
+            batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
             **worker_settings(data_loader),
         )
+
+
+def switch_generator(*, data_loader: DataLoader, generator) -> DataLoader:
+    """A copy of ``data_loader`` whose sampling draws from ``generator`` (e.g. the CSPRNG of secure mode).
+
+    Poisson batch samplers are rebuilt with it; a ``BatchSampler`` over a ``RandomSampler`` gets a new
+    ``RandomSampler`` with it; a sequential loader draws nothing: an error.
+    """
+    batch_sampler = data_loader.batch_sampler
+    if isinstance(batch_sampler, UniformWithReplacementSampler):
+        batch_sampler = UniformWithReplacementSampler(
+            num_samples=batch_sampler.num_samples, sample_rate=batch_sampler.sample_rate, generator=generator,
+            steps=batch_sampler.steps,
+        )
+    elif isinstance(batch_sampler, DistributedUniformWithReplacementSampler):
+        batch_sampler = DistributedUniformWithReplacementSampler(
+            total_size=batch_sampler.total_size, sample_rate=batch_sampler.sample_rate,
+            num_replicas=batch_sampler.num_replicas, rank=batch_sampler.rank, generator=generator,
+            steps=batch_sampler.steps,
+        )
+    elif isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, RandomSampler):
+        sampler = batch_sampler.sampler
+        batch_sampler = BatchSampler(
+            RandomSampler(sampler.data_source, replacement=sampler.replacement, num_samples=sampler._num_samples,
+                          generator=generator),
+            batch_size=batch_sampler.batch_size, drop_last=batch_sampler.drop_last,
+        )
+    elif batch_sampler is None or isinstance(getattr(batch_sampler, "sampler", None), SequentialSampler):
+        raise ValueError(
+            "switch_generator: data_loader reads its data in order and draws nothing, so there is no generator to "
+            "switch; shuffle (shuffle=True) or use a DPDataLoader"
+        )
+    else:
+        raise ValueError(
+            f"switch_generator cannot rebuild a {type(batch_sampler).__name__} with another generator; use a "
+            "DPDataLoader, or a DataLoader with shuffle=True"
+        )
+    loader_generator = generator if isinstance(generator, torch.Generator) else None  # workers' seeds, as torch
+    if isinstance(data_loader, DPDataLoader):
+        copy_ = copy.copy(data_loader)
+        object.__setattr__(copy_, "batch_sampler", batch_sampler)  # DataLoader forbids setting these after init
+        object.__setattr__(copy_, "generator", loader_generator)
+        return copy_
+    return DataLoader(data_loader.dataset, batch_sampler=batch_sampler, collate_fn=data_loader.collate_fn,
+                      generator=loader_generator, **worker_settings(data_loader))

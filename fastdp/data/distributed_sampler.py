@@ -74,13 +74,14 @@ class DistributedUniformWithReplacementSampler(Sampler[List[int]]):
         if num_replicas is None or rank is None:
             import torch.distributed as dist
 
-            if not (dist.is_available() and dist.is_initialized()):
+            try:
+                num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+                rank = dist.get_rank() if rank is None else rank
+            except (ValueError, RuntimeError):  # no default process group
                 raise ValueError(
                     "DistributedUniformWithReplacementSampler needs torch.distributed.init_process_group(...) "
                     "first, or explicit num_replicas= and rank="
-                )
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
+                ) from None
         num_replicas = _check_index(num_replicas, "num_replicas", minimum=1)
         rank = _check_index(rank, "rank", minimum=0)
         if rank >= num_replicas:

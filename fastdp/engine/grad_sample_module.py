@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 import warnings
+import weakref
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -33,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..losses import check_model_loss
 from ..ops import rounding
+from ..validators.errors import SampleMixingModuleError
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from .rules import get_rule, qualified_name
@@ -41,6 +43,10 @@ from .rules.functorch import FUNCTORCH_RULE
 
 MODES = ("bk", "hooks", "functorch")
 MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
+
+#: every live GradSampleModule, so that a DPOptimizer built by hand (Opacus's "under the hood" wiring)
+#: finds and attaches the module(s) owning its parameters (``DPOptimizer.attach_owners``)
+LIVE_MODULES: "weakref.WeakSet[GradSampleModule]" = weakref.WeakSet()
 
 
 def check_loss_reduction(value) -> str:
@@ -75,6 +81,18 @@ ROWS_FIX = (
 )
 
 
+class _GradSamplersAttribute:
+    """``GradSampleModule.GRAD_SAMPLERS``, Opacus's class-level registry of per-sample gradient functions,
+    backed by the layer rules (``fastdp.grad_sample.samplers``); made on first access."""
+
+    def __get__(self, obj, owner):
+        from ..grad_sample.samplers import GradSamplers
+
+        registry = GradSamplers()
+        setattr(GradSampleModule, "GRAD_SAMPLERS", registry)
+        return registry
+
+
 class _Forward:
     """One top-level forward of the wrapped model: its captured calls' rows are its ``batch_size`` samples.
     Calls of different forwards are different samples, even when one backward reaches them all."""
@@ -102,6 +120,8 @@ class GradSampleModule(nn.Module):
     hooks mode, so are several backward passes before ``zero_grad`` (``p.grad_sample`` grows).
     """
 
+    GRAD_SAMPLERS = _GradSamplersAttribute()
+
     def __init__(
         self,
         m: nn.Module,
@@ -114,6 +134,7 @@ class GradSampleModule(nn.Module):
         clipping=None,
     ):
         super().__init__()
+        LIVE_MODULES.add(self)
         if isinstance(m, GradSampleModule):
             raise ValueError("module is already a GradSampleModule; wrap the original module once")
         self._module = m
@@ -146,11 +167,12 @@ class GradSampleModule(nn.Module):
         #: still dropped, but without a warning and without counting them in ``skipped_samples``
         self.sync_free = False
         self._names: Dict[int, str] = {}  # id(submodule) -> its name in the model, for error messages
+        self._plain_autograd = False  # see _reject_direct_gradient
         force_functorch = force_functorch or self.mode == "functorch"
         for name, sub in m.named_modules():
             self._names[id(sub)] = name or "model"
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                raise ValueError(
+                raise SampleMixingModuleError(
                     f"{name or 'model'} ({type(sub).__name__}) mixes the samples of a batch, so per-sample "
                     "clipping cannot bound them; use fastdp.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
                 )
@@ -200,13 +222,21 @@ class GradSampleModule(nn.Module):
 
     # -- plumbing -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        self._inference_forward = not torch.is_grad_enabled()  # nothing in it reaches a backward
-        if not self._inference_forward:
-            self._forward = _Forward(_batch_size_of(args, kwargs, self.batch_first))
+        self._begin_forward(args, kwargs)
         try:
             return self._module(*args, **kwargs)
         finally:
-            self._inference_forward = False
+            self._end_forward()
+
+    def _begin_forward(self, args: tuple, kwargs: dict) -> None:
+        """A top-level forward begins (also called by ``GradSampleHooks``, which trains the model unwrapped):
+        the batch of its first tensor argument is the samples of every call it makes."""
+        self._inference_forward = not torch.is_grad_enabled()  # nothing in it reaches a backward
+        if not self._inference_forward:
+            self._forward = _Forward(_batch_size_of(args, kwargs, self.batch_first))
+
+    def _end_forward(self) -> None:
+        self._inference_forward = False
 
     def _check_model_loss(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Forward hook of every Hugging Face model in the tree: a loss it computed from ``labels=``
@@ -283,13 +313,70 @@ class GradSampleModule(nn.Module):
         self._retained_steps = None
         self.backward_passes = 0
 
+    # -- Opacus API: hooks and per-sample attributes ------------------------------------------
+    def remove_hooks(self) -> None:
+        """Undo the routing (the model computes plain, non-private gradients again); keeps the wrapper."""
+        self.to_standard_module()
+
+    def set_grad_sample_to_none(self) -> None:
+        for p in self.parameters():
+            p.grad_sample = None
+
+    def del_grad_sample(self) -> None:
+        for p in self.parameters():
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    def cleanup(self) -> None:
+        """Remove the routing and every attribute fastdp or Opacus code set on the parameters."""
+        self.remove_hooks()
+        for p in self.parameters():
+            for attr in ("grad_sample", "summed_grad", "_norm_sample", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+    # -- Opacus API: gradient accumulation ------------------------------------------------------
+    #: several backward passes before one optimizer step are several batches of distinct samples
+    #: (Opacus semantics: the optimizer counts them in ``accumulated_iterations``); make_private
+    #: forbids it under Poisson sampling, where one step is one sampled batch
+    grad_accumulation_allowed = True
+
+    def forbid_grad_accumulation(self) -> None:
+        """Refuse a second batch before the optimizer step: its forward (with grad) after a backward raises,
+        as does the step (Opacus raises at the second backward)."""
+        self.grad_accumulation_allowed = False
+        if getattr(self, "_accumulation_check", None) is None:
+            self._accumulation_check = self.register_forward_pre_hook(_refuse_accumulation)
+
+    def allow_grad_accumulation(self) -> None:
+        """Accept several backward passes (distinct batches) per optimizer step."""
+        self.grad_accumulation_allowed = True
+        if getattr(self, "_accumulation_check", None) is not None:
+            self._accumulation_check.remove()
+            self._accumulation_check = None
+
+    # -- Opacus API: switching the capture off and on ------------------------------------------
+    @property
+    def hooks_enabled(self) -> bool:
+        return self._capturing
+
+    def disable_hooks(self) -> None:
+        """Stop capturing until ``enable_hooks()``: forwards run the plain layers (no recorded activations).
+        A backward reaching a parameter then raises, as fastdp never lets a non-private gradient into
+        ``p.grad``; ``to_standard_module()`` / ``cleanup()`` give a plain model for non-private training."""
+        self._capturing = False
+
+    def enable_hooks(self) -> None:
+        self._capturing = True
+
     def _is_capturing(self) -> bool:
         return self._capturing
 
     def _reject_direct_gradient(self, name: str, grad: Optional[torch.Tensor]):
-        """A parameter's autograd gradient is non-private while the engine captures; when it does not
-        (``fastdp.check_sample_independence``'s plain copy), it is just autograd."""
-        return _reject_direct_gradient(name, grad) if self._capturing else None
+        """A parameter's autograd gradient is non-private, so it is refused, also while the capture is off
+        (``disable_hooks``); only ``fastdp.check_sample_independence``'s private copy, which is never
+        trained, lets plain autograd through (``_plain_autograd``)."""
+        return None if self._plain_autograd else _reject_direct_gradient(name, grad)
 
     def _is_capturing_call_of(self, module: nn.Module) -> bool:
         """Asked by every call of a routed module with trainable parameters: counts their uses.
@@ -661,6 +748,16 @@ def _starts(sizes: List[int]) -> List[int]:
         starts.append(start)
         start += size
     return starts
+
+
+def _refuse_accumulation(module: "GradSampleModule", args) -> None:
+    if module.backward_passes >= 1 and torch.is_grad_enabled() and not module.grad_accumulation_allowed:
+        raise ValueError(
+            "a new batch reached the model after a backward pass without an optimizer step, but Poisson sampling "
+            "is not compatible with gradient accumulation (each logical batch is one sampled step); call "
+            "optimizer.step() and zero_grad() after every batch, or split large batches with "
+            "fastdp.BatchMemoryManager"
+        )
 
 
 def _check_batch_sizes(batch_sizes: set) -> None:

@@ -6,7 +6,8 @@ swaps the torch layers for them (nn.LSTM → DPLSTM, ...), keeping the weights.
 """
 
 from .multihead_attention import DPMultiheadAttention
+from .dp_multihead_attention import SequenceBias  # Opacus's layer, with its rule
 from .rnn import DPGRU, DPLSTM, DPRNN, DPRNNBase
 
-__all__ = ["DPLSTM", "DPGRU", "DPRNN", "DPRNNBase", "DPMultiheadAttention"]
+__all__ = ["DPLSTM", "DPGRU", "DPRNN", "DPRNNBase", "DPMultiheadAttention", "SequenceBias"]
 

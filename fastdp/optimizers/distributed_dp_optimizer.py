@@ -70,6 +70,8 @@ class FSDPDPOptimizer(DistributedDPOptimizer):
     and sets each sharded parameter's ``.grad`` to its chunk of the result.
     """
 
+    auto_attach = False  # attach() needs FSDP's parameter layout: make_private calls it
+
     def attach(self, module) -> None:
         from ..distributed.fsdp import ShardedPerLayerClipping, fsdp_params_by_id, sharded_layout
 
@@ -104,7 +106,7 @@ class FSDPDPOptimizer(DistributedDPOptimizer):
         params = self.params
         if not params:
             return
-        factor = 1.0 / self.expected_batch_size if scale and self.loss_reduction == "mean" else 1.0
+        factor = self._scale_factor() if scale else 1.0
         if not noise:  # scale_grad() alone: the sharded gradients were released already
             for p in params:
                 if p.grad is not None and factor != 1.0:

@@ -1,9 +1,19 @@
-"""DPOptimizer: the last stage of a DP step (DESIGN.md step 6).
+"""DPOptimizer: the last stage of a DP step (DESIGN.md step 6), in Opacus's stages.
 
-By the time ``step()`` runs, the engine (GradSampleModule) has left each
-parameter's *clipped, summed* gradient in ``p.grad``. The optimizer adds
-N(0, σ²C²) noise to all of them in one draw, divides by the expected batch size
-(mean loss), steps the wrapped optimizer and tells the accountant.
+``step()`` runs ``pre_step()`` and then the wrapped optimizer's step. ``pre_step()`` is, as in Opacus:
+
+1. ``clip_and_accumulate()``: this step's clipped per-sample-gradient sum goes to ``p.summed_grad``.
+   The attached GradSampleModule (bk/hooks/functorch) already clipped every sample inside the
+   backward and left the sum in ``p.grad``, so this only moves it (no copy); parameters with no
+   attached module but with ``p.grad_sample`` are clipped here from their per-sample gradients.
+2. a virtual step (BatchMemoryManager, ``signal_skip_step``) stops here: ``summed_grad`` keeps
+   accumulating over the physical batches of one logical batch;
+3. ``add_noise()``: ``p.grad = p.summed_grad + N(0, σ²C²)``, one draw over all parameters;
+4. ``scale_grad()``: ``p.grad /= expected_batch_size · accumulated_iterations`` (mean loss);
+5. the step hook (the accountant).
+
+When a subclass overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one fused pass over
+a flat fp32 buffer (one kernel on GPU); overriding either (e.g. Laplace noise) runs them separately.
 """
 
 from __future__ import annotations
@@ -17,11 +27,36 @@ from torch.optim import Optimizer
 
 from ..accountants.validation import check_noise_multiplier
 from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
-from ..engine.grad_sample_module import check_loss_reduction
+from ..engine.grad_sample_module import LIVE_MODULES, GradSampleModule, check_loss_reduction
+from ..engine.rules.base import clipped_sum_of_grad_samples
 from ..ops.noise import add_noise_and_scale
 from ..utils.secure_random import SecureRandom, normal
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic", "adaptive")
+
+
+def _mark_as_processed(obj) -> None:
+    """Mark a tensor (or each of a list) as used by an optimizer step (Opacus's API): using it in
+    another step before ``zero_grad()`` would release the same samples twice."""
+    for tensor in obj if isinstance(obj, list) else [obj]:
+        if isinstance(tensor, torch.Tensor):
+            tensor._processed = True
+
+
+def _check_processed_flag(obj) -> None:
+    """Raise ValueError if a tensor (or one of a list) was already used by an optimizer step."""
+    for tensor in obj if isinstance(obj, list) else [obj]:
+        if isinstance(tensor, torch.Tensor) and hasattr(tensor, "_processed"):
+            raise ValueError(
+                "gradients haven't been cleared since the last optimizer step: call optimizer.zero_grad() "
+                "after every step (a gradient used twice would release its samples twice)"
+            )
+
+
+def _flat_grad_sample(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad_sample`` as one tensor ``[samples, *p.shape]`` (Opacus keeps a list per backward pass)."""
+    grad_sample = p.grad_sample
+    return torch.cat(grad_sample, dim=0) if isinstance(grad_sample, list) else grad_sample
 
 
 class AdaptiveClipping(FlatClipping):
@@ -63,16 +98,35 @@ class AdaptiveClipping(FlatClipping):
 
 
 class DPOptimizer(Optimizer):
-    """Wraps ``optimizer``; use ``attach(grad_sample_module)`` (PrivacyEngine does it for you).
+    """Wraps any ``torch.optim.Optimizer``: clip (through the model), noise once, scale, step, account.
 
-    ``clipping``: "flat" (min(1, C/||g_i||)), "per_layer" (``max_grad_norm`` a list with one
-    bound per trainable parameter, in optimizer order, as Opacus; the noise uses the L2 norm
-    of the bounds), "automatic" (C/(||g_i|| + γ), Bu et al.),
-    or "adaptive" (Andrew et al. 2021: the bound follows a quantile of the norms; pass
-    ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` etc.
-    as keyword arguments; the gradient noise is raised so that the pair of noisy
-    releases costs exactly ``noise_multiplier`` in the accountant).
+    ``PrivacyEngine.make_private`` builds it. Built by hand, as in Opacus's "under the hood" tutorial,
+    it attaches itself to the live ``GradSampleModule`` (s) that own its parameters (at construction,
+    and again at each step for a module wrapped later), so the usual
+    ``GradSampleModule(model)`` → ``DPOptimizer(SGD(model.parameters()), ...)`` → ``attach_step_hook``
+    wiring trains privately. A parameter that has a gradient but neither an attached module nor
+    ``p.grad_sample`` is refused at ``step()``: that gradient is the non-private one.
+
+    Args:
+        optimizer: the wrapped optimizer (its param_groups, state and state_dict are this one's).
+        noise_multiplier: σ: the noise std is σ·C (σ·‖bounds‖₂ for per-layer clipping).
+        max_grad_norm: C, the bound on each sample's gradient norm; for ``clipping="per_layer"`` a list
+            with one bound per trainable parameter, in optimizer order.
+        expected_batch_size: the divisor of a mean loss, q·N (required for ``loss_reduction="mean"``).
+        loss_reduction: "mean" or "sum": how the loss combined the samples of a batch.
+        generator: a ``torch.Generator`` for the noise (seeded: reproducible runs).
+        secure_mode: draw the noise from the OS CSPRNG (``fastdp.utils.secure_random``); no generator.
+        clipping: "flat" (min(1, C/‖g_i‖)), "per_layer" (Opacus: one bound per parameter; the noise uses
+            ‖bounds‖₂), "automatic" (C/(‖g_i‖ + γ), Bu et al.; keyword ``stability`` = γ) or "adaptive"
+            (Andrew et al. 2021: the bound follows a quantile of the norms; keywords
+            ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``min_clipbound``,
+            ``max_clipbound``, ``unclipped_num_std``; the gradient noise is raised so that the pair of
+            noisy releases costs exactly ``noise_multiplier`` in the accountant).
+        **clipping_kwargs: the keywords of the chosen clipping; any other is an error.
     """
+
+    #: False: this class's ``attach`` needs more than the base wiring (FSDP), so only make_private attaches it
+    auto_attach = True
 
     def __init__(
         self,
@@ -97,6 +151,8 @@ class DPOptimizer(Optimizer):
             )
         if secure_mode:
             generator = SecureRandom()
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("optimizer is already a DPOptimizer; wrap its original_optimizer (noise would be added twice)")
         self.original_optimizer = optimizer
         self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.expected_batch_size = expected_batch_size
@@ -104,13 +160,18 @@ class DPOptimizer(Optimizer):
         self.generator = generator
         self.secure_mode = secure_mode
         self.clipping = clipping
+        self.modules: List[nn.Module] = []
         self.clipping_policy = self._make_policy(clipping, max_grad_norm, clipping_kwargs)
         self.step_hook: Optional[Callable] = None
-        self.accumulated_iterations = 1  # Opacus attribute read by accountant hooks
-        self.modules: List[nn.Module] = []
+        self._covered: set = set()  # ids of the attached modules' parameters
         self._skipped_steps = 0  # virtual steps since the last real one (BatchMemoryManager)
-        self._skip_next = False
+        self._skip_next = False  # the next step() is a virtual one
+        self._needs_zero_grad = False  # a step() ran and zero_grad() has not since
         self.grad_scaler = None  # a torch.amp.GradScaler (attach_grad_scaler)
+        for p in self.params:
+            p.summed_grad = None
+        if self.auto_attach:
+            self.attach_owners()
 
     def _make_policy(self, clipping, max_grad_norm, kwargs):
         if clipping == "flat":
@@ -124,8 +185,13 @@ class DPOptimizer(Optimizer):
                 raise ValueError("clipping='adaptive' needs unclipped_num_std= (the noise std of the unclipped count)")
             if not self.noise_multiplier < 2 * policy.unclipped_num_std:
                 raise ValueError(
-                    "clipping='adaptive' needs noise_multiplier < 2 * unclipped_num_std "
-                    f"(got {self.noise_multiplier} and {policy.unclipped_num_std})"
+                    "clipping='adaptive': noise_multiplier must be smaller than 2 * unclipped_num_std (Andrew et al. "
+                    f"2021, Thm 1); got {self.noise_multiplier} and {policy.unclipped_num_std}"
+                )
+            if not policy.min_clipbound < policy.max_clipbound:
+                raise ValueError(
+                    f"clipping='adaptive' needs min_clipbound < max_clipbound, got {policy.min_clipbound} and "
+                    f"{policy.max_clipbound}"
                 )
             kwargs = {}
         elif clipping == "per_layer":
@@ -155,9 +221,17 @@ class DPOptimizer(Optimizer):
     def state(self):
         return self.original_optimizer.state
 
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
     @property
     def defaults(self):
         return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
 
     def state_dict(self):
         return self.original_optimizer.state_dict()
@@ -169,11 +243,32 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.add_param_group(param_group)
 
     def __repr__(self):
-        return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm})"
+        return f"{type(self).__name__}({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm})"
 
     @property
     def params(self) -> List[nn.Parameter]:
+        """The trainable parameters of all param groups, in order."""
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    @property
+    def grad_samples(self) -> List[torch.Tensor]:
+        """Each parameter's per-sample gradients ``[samples, *p.shape]`` (hooks/functorch modes only)."""
+        missing = [tuple(p.shape) for p in self.params if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise ValueError(
+                f"parameters of shapes {missing} have no per-sample gradients (p.grad_sample): grad_sample_mode "
+                "'bk' never forms them; use grad_sample_mode='hooks' or 'functorch' to read them"
+            )
+        return [_flat_grad_sample(p) for p in self.params]
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes (batches) accumulated for this step; the accountant counts q times it and the
+        mean divides by expected_batch_size times it (Opacus semantics)."""
+        if self.modules:
+            return max(1, max(getattr(m, "backward_passes", 0) for m in self.modules))
+        lengths = [len(p.grad_sample) for p in self.params if isinstance(getattr(p, "grad_sample", None), list)]
+        return max(lengths, default=1)
 
     @property
     def gradient_noise_multiplier(self) -> float:
@@ -181,6 +276,19 @@ class DPOptimizer(Optimizer):
         if isinstance(self.clipping_policy, AdaptiveClipping):
             return self.clipping_policy.gradient_noise_multiplier(self.noise_multiplier)
         return self.noise_multiplier
+
+    @property
+    def clipping_policy(self):
+        """How the attached modules turn per-sample norms into clip factors (``fastdp.engine.clipping``).
+        Setting it sets it on every attached module too: the modules clip, the optimizer only noises, and
+        the two must agree on the bound."""
+        return self._clipping_policy
+
+    @clipping_policy.setter
+    def clipping_policy(self, policy) -> None:
+        self._clipping_policy = policy
+        for module in self.modules:
+            module.clipping = policy
 
     @property
     def max_grad_norm(self) -> float:
@@ -194,12 +302,41 @@ class DPOptimizer(Optimizer):
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self, module: nn.Module) -> None:
-        """Let ``module`` (a GradSampleModule) clip with this optimizer's policy."""
+        """Let ``module`` (a GradSampleModule) clip with this optimizer's policy, inside its backward.
+
+        If the module already ran a backward without a policy (the optimizer was built after it), that
+        backward is clipped now with this optimizer's policy."""
+        if any(module is m for m in self.modules):
+            return
+        if not isinstance(module, GradSampleModule):
+            raise ValueError(
+                f"attach() takes a fastdp GradSampleModule, got {type(module).__name__}; in 'no_op' mode nothing is "
+                "attached: the optimizer clips the p.grad_sample you set"
+            )
         module.clipping = self.clipping_policy
         module.grad_scaler = self.grad_scaler
         self.modules.append(module)
+        self._covered.update(id(p) for p in module.parameters())
+        if getattr(module, "_retained_steps", None) is not None:  # a backward that waited for a policy
+            if isinstance(self.clipping_policy, PerLayerClipping):
+                raise ValueError(
+                    "a backward ran before this per-layer DPOptimizer was attached to its GradSampleModule; build "
+                    "the DPOptimizer before the first backward (or call optimizer.attach(module) first)"
+                )
+            module.accumulate_clipped_grads(self.clipping_policy.factors(module.per_sample_norms))
+
+    def attach_owners(self) -> None:
+        """Attach every live GradSampleModule that owns one of this optimizer's parameters."""
+        ids = None
+        for module in list(LIVE_MODULES):
+            if any(module is m for m in self.modules):
+                continue
+            ids = {id(p) for p in self.params} if ids is None else ids
+            if any(id(p) in ids for p in module.parameters()):
+                self.attach(module)
 
     def attach_step_hook(self, fn: Callable) -> None:
+        """``fn(optimizer)`` runs after noise and scaling of every real step (privacy accounting)."""
         self.step_hook = fn
 
     def attach_grad_scaler(self, scaler) -> None:
@@ -229,45 +366,151 @@ class DPOptimizer(Optimizer):
                 "which unscales them first, not optimizer.step()"
             )
 
+    # -- virtual steps (BatchMemoryManager) ----------------------------------------------------
     def signal_skip_step(self, do_skip: bool = True) -> None:
-        """The next ``step()`` only ends a physical batch of a larger logical one (virtual step)."""
-        self._skip_next = do_skip
+        """The next ``step()`` only ends a physical batch of a larger logical one (virtual step): it clips
+        and accumulates into ``p.summed_grad``, with no noise, no update and no accounting."""
+        self._skip_next = bool(do_skip)
+
+    def _check_skip_next_step(self, pop_next: bool = True) -> bool:
+        """Whether the next step is virtual (and, with ``pop_next``, consume that signal)."""
+        skip = self._skip_next
+        if pop_next:
+            self._skip_next = False
+        return skip
+
+    @property
+    def _is_last_step_skipped(self) -> bool:
+        return self._skipped_steps > 0
+
+    def discard_virtual_batch(self) -> None:
+        """Forget a logical batch left incomplete (a BatchMemoryManager loop left by ``break``, an
+        exception or its end mid batch): its partial clipped sum, per-sample state and virtual-step
+        flags go, so that nothing of it reaches a later step. The accountant never counted it."""
+        if not (self._skipped_steps or self._skip_next):
+            return
+        self._skipped_steps = 0
+        self._skip_next = False
+        for p in self.params:
+            p.summed_grad = None
+            p.grad = None
+            p.grad_sample = None
+        for module in self.modules:
+            module.zero_grad(set_to_none=True)
+        self._needs_zero_grad = False
 
     # -- the step ----------------------------------------------------------------------------
     def _check_backward_passes(self) -> None:
         for module in self.modules:
-            if module.backward_passes > 1 + self._skipped_steps:
+            if module.backward_passes > 1 and not getattr(module, "grad_accumulation_allowed", True):
                 raise ValueError(
-                    f"{module.backward_passes} backward passes reached one optimizer step: each sample would be "
-                    "clipped once per pass; call optimizer.step() after every batch (sum losses before "
-                    "backward), or split large batches with fastdp.BatchMemoryManager"
+                    f"{module.backward_passes} backward passes reached one optimizer step, but Poisson sampling "
+                    "is not compatible with gradient accumulation (each logical batch is one sampled step); call "
+                    "optimizer.step() after every batch, or split large batches with fastdp.BatchMemoryManager"
                 )
 
-    def _noise_and_scale(self, *, noise: bool, scale: bool) -> None:
-        """One pass over all summed gradients: p.grad ← (p.grad + N(0, σ²C²)) / expected batch size.
+    def _check_zero_grad(self) -> None:
+        if self._needs_zero_grad:
+            raise ValueError(
+                "optimizer.step() ran twice without optimizer.zero_grad() in between: the released (noised) "
+                "gradient would be mixed into the next step; call zero_grad() after every step"
+            )
 
-        The gradients are gathered into one flat float32 buffer so the noise is one draw
-        (one fused kernel on GPU); fp32 parameters then hold views into it. A parameter no
-        sample reached (or an empty batch) gets a zero gradient: noise still goes in.
-        """
+    def _covered_ids(self) -> set:
+        """ids of the parameters whose clipping the attached modules do inside the backward."""
+        return self._covered
+
+    @staticmethod
+    def _add_to_summed(p: torch.Tensor, grad: torch.Tensor) -> None:
+        if p.summed_grad is None:
+            p.summed_grad = grad
+        else:
+            _check_processed_flag(p.summed_grad)
+            p.summed_grad = p.summed_grad + grad.to(p.summed_grad.dtype)
+
+    def clip_and_accumulate(self) -> None:
+        """This step's clipped per-sample-gradient sum, added to ``p.summed_grad`` (p.grad is cleared).
+
+        Parameters of an attached GradSampleModule were clipped inside the backward: their ``p.grad`` is
+        the sum, moved here without a copy. The others are clipped here from ``p.grad_sample`` with this
+        optimizer's policy (Opacus's optimizer-side clipping)."""
+        covered = self._covered_ids()
+        params = self.params
+        loose = [p for p in params if id(p) not in covered]
+        if loose:
+            self._clip_grad_samples(loose, mixed=len(loose) < len(params))
+        for p in params:
+            if p.grad is not None and id(p) in covered:
+                self._add_to_summed(p, p.grad.detach())
+                p.grad = None
+
+    def _clip_grad_samples(self, params: List[torch.Tensor], *, mixed: bool) -> None:
+        with_samples = []
+        for p in params:
+            if getattr(p, "grad_sample", None) is not None:
+                with_samples.append(p)
+            elif p.grad is not None and bool(p.grad.ne(0).any()):  # zeros: zero_grad(set_to_none=False)
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} has a gradient but no per-sample gradients: it was not "
+                    "computed by a GradSampleModule attached to this optimizer, so it is the non-private gradient; "
+                    "wrap the model in fastdp.GradSampleModule (or use PrivacyEngine.make_private) before training"
+                )
+        if not with_samples:
+            return
+        if mixed:
+            raise ValueError(
+                "some of this optimizer's parameters are clipped by an attached GradSampleModule and others carry "
+                "p.grad_sample from elsewhere; one sample's norm must cover all of them: wrap the whole model once"
+            )
+        grads = []
+        for p in with_samples:
+            _check_processed_flag(p.grad_sample)
+            grads.append(_flat_grad_sample(p))
+        if len({g.shape[0] for g in grads}) != 1:
+            raise ValueError(f"per-sample gradients of different batch sizes: {sorted({g.shape[0] for g in grads})}")
+        norm_sq = {id(p): g.flatten(1).float().square().sum(1).to(grads[0].device) for p, g in zip(with_samples, grads)}
+        norms = torch.stack(list(norm_sq.values())).sum(0).sqrt() if norm_sq else None
+        factors = self.clipping_policy.factors_by_param(norm_sq, norms)
+        for p, g in zip(with_samples, grads):
+            finite = torch.isfinite(norm_sq[id(p)]).to(g.device)  # 0 * inf is NaN: drop those rows outright
+            g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros((), dtype=g.dtype, device=g.device))
+            clipped = clipped_sum_of_grad_samples(factors[id(p)].to(g.device), g)
+            self._add_to_summed(p, clipped.to(p.dtype).view_as(p))
+            _mark_as_processed(p.grad_sample)
+
+    def _scale_factor(self) -> float:
+        if self.loss_reduction != "mean":
+            return 1.0
+        return 1.0 / (self.expected_batch_size * self.accumulated_iterations)
+
+    def _noise_and_scale(self, *, noise: bool, scale: bool) -> None:
+        """With ``noise``: p.grad ← (p.summed_grad + N(0, σ²C²)) · (1 / divisor if ``scale``), in one pass
+        over one flat float32 buffer (one noise draw, one fused kernel on GPU; fp32 parameters then hold
+        views into it). A parameter no sample reached (or an empty batch) gets zeros: noise still goes in.
+        Without ``noise``: p.grad scaled in place."""
         params = self.params
         if not params:
             return
-        std = self.gradient_noise_multiplier * self.max_grad_norm if noise and self._adds_noise() else 0.0
-        factor = 1.0 / self.expected_batch_size if scale and self.loss_reduction == "mean" else 1.0
+        factor = self._scale_factor() if scale else 1.0
+        if not noise:
+            for p in params:
+                if p.grad is not None and factor != 1.0:
+                    p.grad.mul_(factor)
+            return
+        std = self.gradient_noise_multiplier * self.max_grad_norm if self._adds_noise() else 0.0
         device = params[0].device
         flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device=device, dtype=torch.float32)
+            (p.summed_grad if p.summed_grad is not None else torch.zeros_like(p))
+            .reshape(-1).to(device=device, dtype=torch.float32)
             for p in params
         ])
         if self.secure_mode and std != 0:
             flat.add_(normal(flat.numel(), self.generator, device=device), alpha=std)
             std = 0.0
         add_noise_and_scale(flat, std, factor, self.generator)
-        if noise:
-            self._sum_over_ranks(flat)
+        self._sum_over_ranks(flat)
         offset = 0
-        for p in params:
+        for p in params:  # (a second use of these sums is refused by the zero_grad check, not by marks)
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
             offset += p.numel()
 
@@ -279,30 +522,46 @@ class DPOptimizer(Optimizer):
         """Where a distributed optimizer sums the ranks' noised buffers (single process: nothing)."""
 
     def add_noise(self) -> None:
-        """p.grad += N(0, σ²C²), one draw for all parameters (one flat buffer)."""
+        """p.grad = p.summed_grad + N(0, σ²C²), one draw for all parameters (one flat buffer)."""
         self._noise_and_scale(noise=True, scale=False)
 
     def scale_grad(self) -> None:
-        """p.grad /= expected batch size (loss_reduction="mean")."""
+        """p.grad /= expected_batch_size · accumulated_iterations (loss_reduction="mean")."""
         self._noise_and_scale(noise=False, scale=True)
 
-    def pre_step(self) -> bool:
-        """Noise and scale; False when this is a virtual (skipped) step."""
+    def _stages_overridden(self) -> bool:
+        cls = type(self)
+        return cls.add_noise is not DPOptimizer.add_noise or cls.scale_grad is not DPOptimizer.scale_grad
+
+    def pre_step(self, closure=None) -> bool:
+        """Clip, then (unless this is a virtual step) noise, scale and account; False for a virtual step."""
+        self.attach_owners()  # a GradSampleModule wrapped after this optimizer was built
+        self._check_zero_grad()
         self._check_backward_passes()
         self._check_grad_scaler()
-        if self._skip_next:
-            self._skip_next = False
+        self.clip_and_accumulate()
+        self._needs_zero_grad = True
+        if self._check_skip_next_step():
             self._skipped_steps += 1
+            self._consume_backward_passes()
             return False
-        self._noise_and_scale(noise=True, scale=True)
+        if self._stages_overridden():
+            self.add_noise()
+            self.scale_grad()
+        else:
+            self._noise_and_scale(noise=True, scale=True)
         if self.step_hook is not None:
             self.step_hook(self)
         if isinstance(self.clipping_policy, AdaptiveClipping):
             self.clipping_policy.update(self.expected_batch_size, self.generator)
         self._skipped_steps = 0
+        self._consume_backward_passes()
+        return True
+
+    def _consume_backward_passes(self) -> None:
+        """The backward passes counted so far went into this step: a next batch is a new one."""
         for module in self.modules:
             module.backward_passes = 0
-        return True
 
     def step(self, closure=None):
         if closure is not None:
@@ -313,8 +572,14 @@ class DPOptimizer(Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._skipped_steps:
-            return  # mid logical batch (BatchMemoryManager): the clipped sums must keep accumulating
+        """Clear ``p.grad``, ``p.grad_sample`` and the engine's per-backward state; and ``p.summed_grad``
+        too, except inside a logical batch (after a virtual step), whose partial sum must survive."""
+        inside_logical_batch = self._skipped_steps > 0
+        for p in self.params:
+            p.grad_sample = None
+            if not inside_logical_batch:
+                p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for module in self.modules:
             module.zero_grad(set_to_none=set_to_none)
+        self._needs_zero_grad = False

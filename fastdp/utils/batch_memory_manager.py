@@ -5,6 +5,10 @@ every chunk but the last makes the next ``optimizer.step()`` a virtual step (the
 clipped sums keep accumulating in ``p.grad``), so noise and accounting happen once
 per logical batch. Flags travel in a queue consumed in batch order, so they stay
 in step with training even when DataLoader workers prefetch ahead.
+
+Leaving the loop or the ``with`` block in the middle of a logical batch (``break``, an exception)
+discards that batch's partial clipped sum (``DPOptimizer.discard_virtual_batch``): it was never
+noised nor counted by the accountant, and must not leak into a later step.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import collections
 import math
 from typing import Deque, Iterator, List
 
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from ..data.data_loader import worker_settings
 
@@ -33,12 +37,21 @@ class _SplittingBatchSampler(Sampler):
                 yield chunk
 
     def __len__(self) -> int:
-        sample_rate = getattr(self.batch_sampler, "sample_rate", None)
-        num_samples = getattr(self.batch_sampler, "num_samples", None)
-        if sample_rate is None or num_samples is None:
-            return len(self.batch_sampler)
-        expected_chunks = max(1, math.ceil(sample_rate * num_samples / self.max_batch_size))
-        return len(self.batch_sampler) * expected_chunks  # an estimate: Poisson batch sizes vary
+        batch_sampler = self.batch_sampler
+        sample_rate = getattr(batch_sampler, "sample_rate", None)
+        num_samples = getattr(batch_sampler, "num_samples", None)
+        if sample_rate is not None and num_samples is not None:
+            expected_chunks = max(1, math.ceil(sample_rate * num_samples / self.max_batch_size))
+            return len(batch_sampler) * expected_chunks  # an estimate: Poisson batch sizes vary
+        if isinstance(batch_sampler, BatchSampler) and hasattr(batch_sampler.sampler, "__len__"):
+            # fixed-size batches: exact, the last one may be short
+            size, total = batch_sampler.batch_size, len(batch_sampler.sampler)
+            full, last = divmod(total, size)
+            chunks = full * math.ceil(size / self.max_batch_size)
+            if last and not batch_sampler.drop_last:
+                chunks += math.ceil(last / self.max_batch_size)
+            return chunks
+        return len(batch_sampler)
 
 
 class _SignallingLoader:
@@ -47,9 +60,12 @@ class _SignallingLoader:
 
     def __iter__(self):
         self.last_chunk_flags.clear()
-        for batch in self.loader:
-            self.optimizer.signal_skip_step(do_skip=not self.last_chunk_flags.popleft())
-            yield batch
+        try:
+            for batch in self.loader:
+                self.optimizer.signal_skip_step(do_skip=not self.last_chunk_flags.popleft())
+                yield batch
+        finally:  # also on break (the loop drops this generator) and on an exception in the loop
+            self.optimizer.discard_virtual_batch()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -84,7 +100,7 @@ class BatchMemoryManager:
     def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
         if not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
-        if not hasattr(optimizer, "signal_skip_step"):
+        if not hasattr(optimizer, "discard_virtual_batch"):
             raise ValueError("optimizer must be a fastdp DPOptimizer (from PrivacyEngine.make_private)")
         if getattr(optimizer, "virtual_steps_unsupported", None):  # refused on every rank, before any batch
             raise ValueError(optimizer.virtual_steps_unsupported)
@@ -111,5 +127,5 @@ class BatchMemoryManager:
         return _SignallingLoader(loader, flags, self.optimizer)
 
     def __exit__(self, *exc) -> bool:
-        self.optimizer.signal_skip_step(do_skip=False)
+        self.optimizer.discard_virtual_batch()  # a logical batch left incomplete goes, never released
         return False

@@ -1,13 +1,17 @@
 """ModuleValidator: find the modules DP training cannot handle, and replace the fixable ones.
 
-Every submodule is checked, in train or eval mode and trainable or frozen alike: a frozen
-BatchNorm in train mode still mixes samples, and running statistics are published with the
-model whatever the mode. Two kinds of checks run:
+Every submodule is checked, trainable or frozen alike: a frozen (or parameterless) BatchNorm in
+train mode still mixes samples, and running statistics are published with the model whatever the
+mode. (Opacus checks only modules with trainable parameters, so it accepts a parameterless
+BatchNorm whose mixing reaches the gradients of the layers before it; fastdp refuses it.) Checks:
 
-- modules that mix the samples of a batch (BatchNorm), which no per-sample clipping can bound;
-- the ``check`` of the module's layer rule (``fastdp.engine.rules``), which rejects
-  configurations the rule cannot make private (Embedding max_norm, InstanceNorm running
-  statistics, ...), with the fix in its message.
+- the model must be in training mode (as Opacus: eval-mode layers such as dropout would not be
+  what is trained);
+- a validator registered for the module's class (``ModuleValidator.VALIDATORS``,
+  ``register_module_validator``), else the built-in ones: modules that mix the samples of a batch
+  (BatchNorm), which no per-sample clipping can bound, and the ``check`` of the module's layer
+  rule (``fastdp.engine.rules``), which rejects configurations the rule cannot make private
+  (Embedding max_norm, InstanceNorm running statistics, ...), with the fix in its message.
 
 ``fix`` returns a repaired deep copy, using ``ModuleValidator.FIXERS``.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -24,36 +28,20 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from fastdp.engine.rules import get_rule
 
+from .errors import (  # noqa: F401  (re-exported: fastdp.validators.module_validator.UnsupportedModuleError)
+    IllegalModuleConfigurationError,
+    NotYetSupportedModuleError,
+    ShouldReplaceModuleError,
+    UnsupportableModuleError,
+    UnsupportedError,
+    UnsupportedModuleError,
+)
+
 logger = logging.getLogger(__name__)
 
 #: ``fixer(module, **fix_kwargs) -> module``: receives a submodule of ``fix``'s private copy and
 #: returns its replacement (or the same module, changed in place or untouched).
 Fixer = Callable[..., nn.Module]
-
-
-class UnsupportedModuleError(ValueError):
-    """A model that DP training cannot handle as configured.
-
-    An error about one submodule carries ``module_path`` (``""`` for the root) and
-    ``module_type``; ``validate(strict=True)`` raises one error listing them all in ``errors``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        module_path: Optional[str] = None,
-        module_type: Optional[str] = None,
-        errors: Sequence["UnsupportedModuleError"] = (),
-    ):
-        super().__init__(message)
-        self.module_path = module_path
-        self.module_type = module_type
-        self.errors = list(errors) or [self]
-
-
-#: Opacus's name for the error ``validate(strict=True)`` raises.
-UnsupportableModuleError = UnsupportedModuleError
 
 
 def _sample_mixing_reason(module: nn.Module) -> Optional[str]:
@@ -133,6 +121,15 @@ def _dp_layer(name: str) -> Fixer:
     return fix
 
 
+def _match_device(original: nn.Module, replacement: nn.Module) -> None:
+    """Put a replacement where the module it replaces lived (fixers may build it on the CPU)."""
+    like = next(iter(original.parameters()), None)
+    if like is None:
+        like = next(iter(original.buffers()), None)
+    if like is not None and not like.is_meta:
+        replacement.to(like.device)
+
+
 class ModuleValidator:
     """Checks a model for modules DP training cannot handle, and fixes the fixable ones."""
 
@@ -141,13 +138,20 @@ class ModuleValidator:
     #: DPGRU / DPRNN / DPMultiheadAttention; their rules make the torch layers errors until fixed
     #: (their fused forward hides the per-sample gradients).
     FIXERS: Dict[type, Fixer] = {
-        _BatchNorm: batch_norm_to_group_norm,
-        _InstanceNorm: instance_norm_without_running_stats,
+        **{cls: batch_norm_to_group_norm for cls in (
+            _BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)},
+        **{cls: instance_norm_without_running_stats for cls in (
+            _InstanceNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
         nn.LSTM: _dp_layer("DPLSTM"),
         nn.GRU: _dp_layer("DPGRU"),
         nn.RNN: _dp_layer("DPRNN"),
         nn.MultiheadAttention: _dp_layer("DPMultiheadAttention"),
     }
+
+    #: module class → ``validator(module) -> [UnsupportedModuleError, ...]``, run instead of the built-in
+    #: checks for modules of that class (nearest registered class in the MRO); see ``register_module_validator``.
+    #: The classes fastdp refuses or replaces are listed with ``builtin_validator`` (fastdp's own checks).
+    VALIDATORS: Dict[type, Callable[[nn.Module], List[UnsupportedModuleError]]] = {}
 
     @classmethod
     def _fixer(cls, module: nn.Module) -> Optional[Fixer]:
@@ -168,18 +172,43 @@ class ModuleValidator:
         return None
 
     @classmethod
+    def _builtin_errors(cls, path: str, module: nn.Module) -> List[UnsupportedModuleError]:
+        """fastdp's own checks of one module: sample mixing, then its layer rule's configuration check."""
+        reason = cls._reason(module)
+        if reason is None:
+            return []
+        module_type = type(module).__name__
+        replaced = cls._fixer(module) is not None and not isinstance(module, _InstanceNorm)  # IN: fixed in place
+        if _sample_mixing_reason(module) is not None or replaced:
+            kind = ShouldReplaceModuleError
+        else:
+            kind = IllegalModuleConfigurationError
+        return [kind(f"{path or '<root>'} ({module_type}): {reason}", module_path=path, module_type=module_type)]
+
+    @classmethod
+    def _module_errors(cls, path: str, module: nn.Module) -> List[UnsupportedModuleError]:
+        """A registered validator's errors for ``module``, else the built-in checks' (each naming the path)."""
+        validator = next((cls.VALIDATORS[c] for c in type(module).__mro__ if c in cls.VALIDATORS), None)
+        if validator is None or validator is builtin_validator:
+            return cls._builtin_errors(path, module)
+        errors = list(validator(module))
+        for error in errors:
+            if isinstance(error, UnsupportedModuleError) and error.module_path is None:
+                error.module_path, error.module_type = path, type(module).__name__
+        return errors
+
+    @classmethod
     def validate(cls, module: nn.Module, *, strict: bool = False) -> List[UnsupportedModuleError]:
-        """One UnsupportedModuleError per unsupported submodule; ``strict=True`` raises them as one error."""
-        errors = []
+        """One UnsupportedModuleError per problem (a submodule, or the model not in training mode);
+        ``strict=True`` raises them as one UnsupportedModuleError listing all in ``errors``."""
+        errors: List[UnsupportedModuleError] = []
+        if not module.training:
+            errors.append(IllegalModuleConfigurationError(
+                "<root>: the model is in eval mode; DP training needs model.train() (as Opacus)",
+                module_path="", module_type=type(module).__name__,
+            ))
         for path, submodule in module.named_modules():
-            reason = cls._reason(submodule)
-            if reason is not None:
-                module_type = type(submodule).__name__
-                errors.append(
-                    UnsupportedModuleError(
-                        f"{path or '<root>'} ({module_type}): {reason}", module_path=path, module_type=module_type
-                    )
-                )
+            errors.extend(cls._module_errors(path, submodule))
         if strict and errors:
             listing = "\n  ".join(str(error) for error in errors)
             raise UnsupportedModuleError(
@@ -216,7 +245,8 @@ class ModuleValidator:
                 if fixed_child is not child:
                     setattr(module, name, fixed_child)
         else:
-            logger.info("ModuleValidator.fix: replaced %s (%s) with %s", path or "<root>", module, fixed)
+            _match_device(module, fixed)
+            logger.info("Replaced sub_module %s : %s with %s", path or "<root>", module, fixed)
         done[id(module)] = fixed
         return fixed
 
@@ -226,3 +256,13 @@ class ModuleValidator:
         fixed = cls.fix(module, **kwargs)
         cls.validate(fixed, strict=True)
         return fixed
+
+
+def builtin_validator(module: nn.Module) -> List[UnsupportedModuleError]:
+    """fastdp's own checks of one module (what ``ModuleValidator.validate`` runs for it, path ``""``)."""
+    return ModuleValidator._builtin_errors("", module)
+
+
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+             nn.InstanceNorm3d, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention):
+    ModuleValidator.VALIDATORS[_cls] = builtin_validator
