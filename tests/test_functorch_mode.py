@@ -157,3 +157,30 @@ def test_unsplittable_call_without_rule_is_a_clear_error():
     output = gsm(torch.tensor([0, 2, 1, 1]), torch.randn(7, 3))
     with pytest.raises(ValueError, match=r"input 1 has shape \(7, 3\).*register a rule"):
         output.square().sum().backward()
+
+
+class AppendLearnedStep(nn.Module):
+    """No rule (the torch.func fallback): appends a learned vector to every sequence, ``[T, B, E] →
+    [T + 1, B, E]``, so its layout is batch-second, like Opacus's SequenceBias."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.step = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return torch.cat([x, self.step.expand(1, x.shape[1], -1)], dim=0)
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks", "functorch"])
+def test_the_fallback_keeps_a_batch_second_layout(mode):
+    """With batch_first=False the fallback gives each sample to the layer batch-second (it gave the
+    sample's rows batch-first, and the layer appended its vector to the wrong dimension)."""
+    torch.manual_seed(0)
+    layer = AppendLearnedStep(3)
+    x, g = torch.randn(4, 5, 3), torch.randn(5, 5, 3)  # T = 4, B = 5
+    gsm = GradSampleModule(layer, batch_first=False, loss_reduction="sum", mode=mode)
+    (gsm(x) * g).sum().backward()
+    expected = g[-1].double()  # sample i's gradient is its gradient at the appended step
+    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.norm(dim=1), rtol=1e-4, atol=1e-6)
+    if mode != "bk":
+        torch.testing.assert_close(layer.step.grad_sample.double(), expected)

@@ -77,11 +77,11 @@ def prepare_module(context: DistributedContext, grad_sample_module: nn.Module) -
     re-run after FSDP has freed their full parameters (the torch.func fallback)."""
     if context.kind != "fsdp":
         return
-    from ..engine.rules.functorch import FUNCTORCH_RULE
+    from ..engine.rules.functorch import FunctorchRule
 
     for name, sub in grad_sample_module.named_modules():
         route = sub.__dict__.get("_fastdp_route")
-        if route is not None and route.rule is FUNCTORCH_RULE:
+        if route is not None and isinstance(route.rule, FunctorchRule):
             raise ValueError(
                 f"{name} ({type(sub).__name__}) has no fastdp layer rule; under FSDP2 the torch.func fallback would "
                 "run it after FSDP freed its gathered parameters. Register a rule (fastdp.register_rule) or use DDP"

@@ -39,7 +39,7 @@ from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from .rules import get_rule, qualified_name
 from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
-from .rules.functorch import FUNCTORCH_RULE
+from .rules.functorch import FUNCTORCH_RULE, FUNCTORCH_RULE_BATCH_SECOND
 
 MODES = ("bk", "hooks", "functorch")
 MODE_ALIASES = {"ghost": "bk"}  # Opacus's ghost clipping is what "bk" does, in one backward
@@ -169,6 +169,7 @@ class GradSampleModule(nn.Module):
         self._names: Dict[int, str] = {}  # id(submodule) -> its name in the model, for error messages
         self._plain_autograd = False  # see _reject_direct_gradient
         force_functorch = force_functorch or self.mode == "functorch"
+        fallback = FUNCTORCH_RULE if self.batch_first else FUNCTORCH_RULE_BATCH_SECOND
         for name, sub in m.named_modules():
             self._names[id(sub)] = name or "model"
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
@@ -192,7 +193,7 @@ class GradSampleModule(nn.Module):
                 )
             rule = get_rule(sub)
             if force_functorch and not (rule is not None and rule.captures_internally):  # torch.func cannot see inside those
-                rule = FUNCTORCH_RULE
+                rule = fallback
             if rule is None:
                 if strict:
                     raise ValueError(
@@ -207,7 +208,7 @@ class GradSampleModule(nn.Module):
                         "(fastdp.register_grad_sampler / register_rule), or pass strict=True to refuse",
                         UserWarning, stacklevel=2,
                     )
-                rule = FUNCTORCH_RULE
+                rule = fallback
             if any(p.requires_grad for p in params):
                 rule.check(sub)
             self._unroutes.append(

@@ -23,7 +23,20 @@ from .base import LayerRule
 
 
 class FunctorchRule(LayerRule):
-    """Per-sample gradients of ``<module(x_i), g_i>`` by vmap over samples of ``grad``."""
+    """Per-sample gradients of ``<module(x_i), g_i>`` by vmap over samples of ``grad``.
+
+    The engine hands rules batch-first inputs; ``batch_dim=1`` is for models trained with
+    ``batch_first=False``, whose layers expect the batch second: each sample is then given to the
+    module with its unit batch dimension second (its tensors of 2+ dims, which the engine moved)."""
+
+    def __init__(self, batch_dim: int = 0):
+        self.batch_dim = batch_dim
+
+    def _unit_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(self.batch_dim if x.dim() >= self.batch_dim else 0)
+
+    def _sample_of(self, output: torch.Tensor) -> torch.Tensor:
+        return output.select(self.batch_dim if output.dim() > self.batch_dim else 0, 0)
 
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         params = self.trainable_params(module)
@@ -35,9 +48,9 @@ class FunctorchRule(LayerRule):
             return self._own_rule(module, unsplittable).grad_sample(module, inputs, grad_output)
 
         def sample_loss(values, sample_inputs, sample_grad):
-            batched = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in sample_inputs)
+            batched = tuple(self._unit_batch(x) if isinstance(x, torch.Tensor) else x for x in sample_inputs)
             output = functional_call(module, dict(zip(names, values)), batched)
-            return (output * sample_grad.unsqueeze(0)).sum()
+            return (self._sample_of(output) * sample_grad).sum()
 
         input_dims = tuple(0 if isinstance(x, torch.Tensor) else None for x in inputs)
         with torch.enable_grad():
@@ -71,3 +84,4 @@ def _why_not_per_sample(module: nn.Module, inputs: tuple, batch_size: int) -> Op
 
 
 FUNCTORCH_RULE = FunctorchRule()
+FUNCTORCH_RULE_BATCH_SECOND = FunctorchRule(batch_dim=1)  # GradSampleModule(batch_first=False)
