@@ -127,6 +127,26 @@ def embedding_clipped_grad(
     return grad
 
 
+def add_embedding_clipped_grad(
+    out: torch.Tensor,
+    ids: torch.Tensor,
+    sample_of_token: torch.Tensor,
+    token_grads: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+) -> None:
+    """``out += embedding_clipped_grad(...)`` in place (``out`` [num_embeddings, dim] in the row sums' dtype),
+    with no dense temporary: the same per-sample row sums, scaled, scattered into ``out``; the padding row
+    gets nothing from this call (``out`` may hold another use's gradient of a tied weight there)."""
+    row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
+    row_grads *= clip_factors.to(row_grads.dtype)[segment_keys // num_embeddings].unsqueeze(1)
+    rows = segment_keys % num_embeddings
+    if padding_idx >= 0:
+        row_grads.masked_fill_((rows == padding_idx).unsqueeze(1), 0)
+    out.index_add_(0, rows, row_grads)
+
+
 @op("embedding_grad_sample")
 def embedding_grad_sample(
     ids: torch.Tensor,

@@ -119,6 +119,21 @@ def linear_clipped_grad(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> to
     return scaled.flatten(0, 1).T @ a.flatten(0, 1)
 
 
+def add_linear_clipped_grad(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, transposed: bool = False) -> None:
+    """``out += sum_i c_i g_iᵀ a_i`` in place (``out`` [p, d], or [d, p] with ``transposed``; the dtype of a
+    and g): ``linear_clipped_grad``'s GEMM, the same products c_i·g_t ⊗ a_t, accumulating into ``out`` with
+    no gradient-sized temporary. A chunk of whole samples at a time, so that the scaled copy of g stays
+    under CHUNK_NUMEL; each sample's rows are reduced inside one GEMM (the model of ``fastdp.ops.rounding``)."""
+    B, T, p = g.shape
+    for rows in batch_chunks(B, T * p):
+        x = (g[rows] * c[rows].to(g.dtype)[:, None, None]).flatten(0, 1)
+        y = a[rows].flatten(0, 1)
+        if transposed:
+            out.addmm_(y.T, x)
+        else:
+            out.addmm_(x.T, y)
+
+
 @op("linear_bias_clipped_grad")
 def linear_bias_clipped_grad(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """sum_i c_i sum_t g_it: [p]."""
