@@ -9,6 +9,7 @@ interpreter on also corrects the interpreter's bf16 arithmetic (see ``_fix_inter
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Dict, Sequence
 
@@ -177,6 +178,28 @@ def check_clip_factors(c: torch.Tensor, batch: int) -> None:
     """c: one clip factor per sample."""
     if c.dim() != 1 or c.shape[0] != batch:
         raise ValueError(f"c must be [B] = [{batch}] clip factors, got shape {tuple(c.shape)}")
+
+
+def reference_unless_handled(op, *checked: int, check: Callable = None):
+    """Decorator of a kernel's wrapper: the inputs the kernels do not cover (``kernel_handles`` of the
+    positional arguments at ``checked``: empty, float64, mixed dtypes) run ``op``'s torch reference, which
+    then defines the result; the rest must be where the kernels run (``check_device``). ``check``, given
+    the checked arguments, validates them first, for the reference as well."""
+
+    def decorate(wrapper: Callable) -> Callable:
+        @functools.wraps(wrapper)
+        def run(*args, **kwargs):
+            tensors = [args[i] for i in checked]
+            if check is not None:
+                check(*tensors)
+            if not kernel_handles(*tensors):
+                return op.torch_reference(*args, **kwargs)
+            check_device(*(arg for arg in args if isinstance(arg, torch.Tensor)))
+            return wrapper(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def kernel_handles(*tensors: torch.Tensor) -> bool:

@@ -38,7 +38,7 @@ from fastdp.ops import register_impl, rounding
 from fastdp.ops.linear import choose_linear_norm_method
 
 # importing _triton_utils also fixes bf16 tl.dot in the interpreter
-from ._triton_utils import check_device, dot_fp32, dot_fp32_error, kernel_handles
+from ._triton_utils import check_device, dot_fp32, dot_fp32_error, reference_unless_handled
 
 #: Largest tile edges: along C_out/groups and the patch width d, and along output positions T.
 MAX_BLOCK_PK = 64
@@ -201,10 +201,9 @@ def _check_geometry(x, g, kernel_size, stride, dilation, groups):
                              f"{tuple(x.shape[2:])}; pass the already padded input as x")
 
 
+@reference_unless_handled(_ops.conv_weight_norm_sq, 0, 1)  # empty, float64 or mixed dtypes: the reference
 def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Triton ``conv_weight_norm_sq``: upper bounds, float32 [B], ghost or direct as the reference chooses."""
-    if not kernel_handles(x, g):  # empty, float64 or mixed dtypes
-        return _ops.conv_weight_norm_sq.torch_reference(x, g, kernel_size, stride, dilation, groups)
+    """Triton ``conv_weight_norm_sq``: upper bounds, float64 [B], ghost or direct as the reference chooses."""
     d = x.shape[1] // groups * math.prod(kernel_size)
     method = choose_linear_norm_method(x.shape[0], math.prod(g.shape[2:]), d, g.shape[1] // groups)
     norm_sq = ghost_norm_sq if method == "ghost" else direct_norm_sq
@@ -245,10 +244,9 @@ def direct_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> torch.Te
     )
 
 
+@reference_unless_handled(_ops.conv_weight_grad_sample, 0, 1)
 def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
     """Triton ``conv_weight_grad_sample``: [B, C_out, C_in/groups, *kernel_size] in the input dtype."""
-    if not kernel_handles(x, g):  # empty, float64 or mixed dtypes
-        return _ops.conv_weight_grad_sample.torch_reference(x, g, kernel_size, stride, dilation, groups)
     tensors, scalars, shape, (T, d, p) = _launch_args(x, g, kernel_size, stride, dilation, groups)
     batch = x.shape[0]
     out = torch.empty(batch, g.shape[1], x.shape[1] // groups, *kernel_size, dtype=x.dtype, device=x.device)

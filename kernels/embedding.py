@@ -23,7 +23,7 @@ import triton.language as tl
 from fastdp.ops import embedding as _ops
 from fastdp.ops import register_impl
 
-from ._triton_utils import check_device, kernel_handles
+from ._triton_utils import reference_unless_handled
 
 #: Tile of the segment-sum: tokens per step and columns of D per step.
 BLOCK_TOKENS = 16
@@ -123,13 +123,9 @@ def _segment_rows(token_grads, order, seg_keys, seg_offsets, out, num_embeddings
     return out
 
 
+@reference_unless_handled(_ops.embedding_norm_sq, 2)  # no tokens, or float64: the reference
 def embedding_norm_sq(ids, sample_of_token, token_grads, batch_size: int, num_embeddings: int, padding_idx: int):
-    """Triton ``embedding_norm_sq``: upper bounds (``fastdp.ops.embedding.embedding_norm_sq_upper``), float32 [batch_size]."""
-    if not kernel_handles(token_grads):  # no tokens, or float64
-        return _ops.embedding_norm_sq.torch_reference(
-            ids, sample_of_token, token_grads, batch_size, num_embeddings, padding_idx
-        )
-    check_device(ids, sample_of_token, token_grads)
+    """Triton ``embedding_norm_sq``: upper bounds (``fastdp.ops.embedding.embedding_norm_sq_upper``), float64 [batch_size]."""
     ids, sample_of_token = ids.long(), sample_of_token.long()
     _check_tokens(ids, sample_of_token, token_grads, num_embeddings, batch_size)
     out = torch.zeros(batch_size, dtype=torch.float32, device=token_grads.device)
@@ -145,13 +141,9 @@ def embedding_norm_sq(ids, sample_of_token, token_grads, batch_size: int, num_em
                                         torch.float32, square_sum_dtype=torch.float32)
 
 
+@reference_unless_handled(_ops.embedding_clipped_grad, 2)
 def embedding_clipped_grad(ids, sample_of_token, token_grads, clip_factors, num_embeddings: int, padding_idx: int):
     """Triton ``embedding_clipped_grad``: dense [num_embeddings, D] float32, sum_i c_i grad_i."""
-    if not kernel_handles(token_grads):  # no tokens, or float64
-        return _ops.embedding_clipped_grad.torch_reference(
-            ids, sample_of_token, token_grads, clip_factors, num_embeddings, padding_idx
-        )
-    check_device(ids, sample_of_token, token_grads, clip_factors)
     ids, sample_of_token = ids.long(), sample_of_token.long()
     _check_tokens(ids, sample_of_token, token_grads, num_embeddings, clip_factors.numel())
     out = torch.zeros(num_embeddings, token_grads.shape[1], dtype=torch.float32, device=token_grads.device)
@@ -161,13 +153,9 @@ def embedding_clipped_grad(ids, sample_of_token, token_grads, clip_factors, num_
                          factors, sample_of_token.contiguous())
 
 
+@reference_unless_handled(_ops.embedding_grad_sample, 2)
 def embedding_grad_sample(ids, sample_of_token, token_grads, batch_size: int, num_embeddings: int, padding_idx: int):
     """Triton ``embedding_grad_sample``: [batch_size, num_embeddings, D] float32 (the output itself is dense)."""
-    if not kernel_handles(token_grads):  # no tokens, or float64
-        return _ops.embedding_grad_sample.torch_reference(
-            ids, sample_of_token, token_grads, batch_size, num_embeddings, padding_idx
-        )
-    check_device(ids, sample_of_token, token_grads)
     ids, sample_of_token = ids.long(), sample_of_token.long()
     _check_tokens(ids, sample_of_token, token_grads, num_embeddings, batch_size)
     D = token_grads.shape[1]

@@ -17,7 +17,7 @@ import triton.language as tl
 from fastdp.ops import linear as _ops
 from fastdp.ops import register_impl, rounding
 
-from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32_error, kernel_handles,
+from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, dot_fp32_error, reference_unless_handled,
                             use_interpreter)
 from .linear_grad_sample import PER_SAMPLE_TILE_CONFIGS, PER_SAMPLE_TILE_INTERPRETER, per_sample_grad_tile
 
@@ -45,12 +45,9 @@ _launch = Launcher(_linear_direct_norm_kernel, PER_SAMPLE_TILE_CONFIGS, key=["d"
                    interpreter_config=PER_SAMPLE_TILE_INTERPRETER, reset_to_zero=["partials_ptr"])
 
 
+@reference_unless_handled(_ops.linear_norm_sq_direct, 0, 1, check=check_activations)
 def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
-    """||g_iᵀ a_i||²_F per sample: float32 [B], without writing any per-sample gradient."""
-    check_activations(a, g)
-    if not kernel_handles(a, g):
-        return _ops.linear_norm_sq_direct.torch_reference(a, g, mass=mass)
-    check_device(a, g)
+    """An upper bound of ||g_iᵀ a_i||²_F per sample, float64 [B], without writing any per-sample gradient."""
     B, T, d = a.shape
     p = g.shape[-1]
     max_tiles = triton.cdiv(p, _launch.smallest("BLOCK_P")) * triton.cdiv(d, _launch.smallest("BLOCK_D"))
@@ -83,13 +80,14 @@ _BIAS_BLOCKS = ({"BLOCK_T": INTERPRETER_BLOCK, "BLOCK_P": INTERPRETER_BLOCK} if 
                 else {"BLOCK_T": 32, "BLOCK_P": 128})
 
 
-def linear_bias_norm_sq(g: torch.Tensor, mass=None) -> torch.Tensor:
-    """||Σ_t g_it||² per sample: float32 [B]."""
+def _check_sequence(g: torch.Tensor) -> None:
     if g.dim() != 3:
         raise ValueError(f"g must be [B, T, p], got shape {tuple(g.shape)} (reshape to the sequence view first)")
-    if not kernel_handles(g):
-        return _ops.linear_bias_norm_sq.torch_reference(g, mass=mass)
-    check_device(g)
+
+
+@reference_unless_handled(_ops.linear_bias_norm_sq, 0, check=_check_sequence)
+def linear_bias_norm_sq(g: torch.Tensor, mass=None) -> torch.Tensor:
+    """An upper bound of ||Σ_t g_it||² per sample: float64 [B]."""
     B, T, p = g.shape
     tiles = triton.cdiv(p, _BIAS_BLOCKS["BLOCK_P"])
     partials = torch.empty(B, tiles, dtype=torch.float64, device=g.device)

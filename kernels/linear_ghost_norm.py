@@ -18,8 +18,8 @@ import triton.language as tl
 from fastdp.ops import linear as _ops
 from fastdp.ops import register_impl, rounding
 
-from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32, dot_fp32_error,
-                            kernel_handles, use_interpreter)
+from ._triton_utils import (INTERPRETER_BLOCK, Launcher, check_activations, dot_fp32, dot_fp32_error,
+                            reference_unless_handled, use_interpreter)
 
 #: GPU configs: BLOCK_K columns of a (or g) per step; BLOCK_T is chosen from T by the wrapper.
 GHOST_CONFIGS = [
@@ -100,13 +100,10 @@ def _goodfellow_norm_kernel(a_ptr, g_ptr, out_ptr, d, p, stride_ab, stride_ad, s
 _GOODFELLOW_BLOCK = INTERPRETER_BLOCK if use_interpreter() else 1024
 
 
+@reference_unless_handled(_ops.linear_norm_sq_ghost, 0, 1, check=check_activations)
 def linear_norm_sq_ghost(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.Tensor:
     """An upper bound of ||g_iᵀ a_i||²_F per sample from <a_i a_iᵀ, g_i g_iᵀ>, no T×T matrix in memory:
-    the kernel's value plus its rounding bound (``fastdp.ops.rounding``), float32 [B]."""
-    check_activations(a, g)
-    if not kernel_handles(a, g):
-        return _ops.linear_norm_sq_ghost.torch_reference(a, g, mass=mass)
-    check_device(a, g)
+    the kernel's value plus its rounding bound (``fastdp.ops.rounding``), float64 [B]."""
     B, T, d = a.shape
     p = g.shape[-1]
     if T == 1:  # the Goodfellow product: each factor a plain fp32 sum of squares (γ_width, any order)

@@ -13,7 +13,7 @@ import triton.language as tl
 from fastdp.ops import linear as _ops
 from fastdp.ops import register_impl
 
-from ._triton_utils import INTERPRETER_BLOCK, Launcher, check_activations, check_device, dot_fp32, kernel_handles
+from ._triton_utils import INTERPRETER_BLOCK, Launcher, check_activations, dot_fp32, reference_unless_handled
 
 #: GPU configs for a [BLOCK_P, BLOCK_D] tile of G_i with BLOCK_T rows of a, g per step.
 PER_SAMPLE_TILE_CONFIGS = [
@@ -65,12 +65,9 @@ _launch = Launcher(_linear_grad_sample_kernel, PER_SAMPLE_TILE_CONFIGS, key=["d"
                    interpreter_config=PER_SAMPLE_TILE_INTERPRETER)
 
 
+@reference_unless_handled(_ops.linear_grad_sample, 0, 1, check=check_activations)
 def linear_grad_sample(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients g_iᵀ a_i: [B, p, d] in the input dtype (fp32 accumulation)."""
-    check_activations(a, g)
-    if not kernel_handles(a, g):
-        return _ops.linear_grad_sample.torch_reference(a, g)
-    check_device(a, g)
     B, T, d = a.shape
     p = g.shape[-1]
     out = torch.empty(B, p, d, dtype=g.dtype, device=g.device)

@@ -24,7 +24,7 @@ import triton.language as tl
 from fastdp.ops import norms as _ops
 from fastdp.ops import register_impl
 
-from ._triton_utils import check_device, kernel_handles
+from ._triton_utils import reference_unless_handled
 
 #: Tile sizes: elements per step of the statistics pass; (rows, channels) of the accumulation tile.
 BLOCK_STATS = 1024
@@ -103,11 +103,9 @@ def _norm_weight_grad_kernel(
     tl.store(partial_ptr + (b * slices + row_slice) * C + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
+@reference_unless_handled(_ops.norm_weight_grad_sample, 0, 1)  # empty, float64 or mixed dtypes: the reference
 def norm_weight_grad_sample(x: torch.Tensor, grad: torch.Tensor, num_groups: int, eps: float, rms: bool):
     """Triton ``norm_weight_grad_sample``: per-sample weight gradients [B, C], float32."""
-    if not kernel_handles(x, grad):  # empty, float64 or mixed dtypes
-        return _ops.norm_weight_grad_sample.torch_reference(x, grad, num_groups, eps, rms)
-    check_device(x, grad)
     if x.dim() != 4 or grad.shape != x.shape:
         raise ValueError(f"x and grad must both be [B, M, C, S]; got {tuple(x.shape)} and {tuple(grad.shape)}")
     B, M, C, S = x.shape

@@ -39,6 +39,17 @@ class _DPOptimizerScheduler:
     def get_value(self) -> float:
         raise NotImplementedError
 
+    # the schedules Opacus offers for both attributes, written once
+    def _exponential(self, gamma: float) -> float:
+        """The attribute times ``gamma`` at every step after the first (the factors accumulate)."""
+        current = getattr(self.optimizer, self.attribute)
+        return current if self.last_epoch == 0 else current * gamma
+
+    def _stepped(self, step_size: int, gamma: float) -> float:
+        """The attribute times ``gamma`` every ``step_size`` steps (the factors accumulate)."""
+        current = getattr(self.optimizer, self.attribute)
+        return current if self.last_epoch == 0 or self.last_epoch % step_size != 0 else gamma * current
+
     def step(self) -> None:
         self.last_epoch += 1
         setattr(self.optimizer, self.attribute, self.get_value())

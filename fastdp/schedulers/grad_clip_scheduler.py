@@ -31,8 +31,7 @@ class ExponentialGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self) -> float:
-        current = self.optimizer.max_grad_norm
-        return current if self.last_epoch == 0 else current * self.gamma
+        return self._exponential(self.gamma)
 
 
 class LambdaGradClip(_GradClipScheduler):
@@ -56,7 +55,4 @@ class StepGradClip(_GradClipScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_max_grad_norm(self) -> float:
-        current = self.optimizer.max_grad_norm
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return current
-        return self.gamma * current
+        return self._stepped(self.step_size, self.gamma)

@@ -28,8 +28,7 @@ class ExponentialNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self) -> float:
-        current = self.optimizer.noise_multiplier
-        return current if self.last_epoch == 0 else current * self.gamma
+        return self._exponential(self.gamma)
 
 
 class LambdaNoise(_NoiseScheduler):
@@ -53,7 +52,4 @@ class StepNoise(_NoiseScheduler):
         super().__init__(optimizer, last_epoch=last_epoch)
 
     def get_noise_multiplier(self) -> float:
-        current = self.optimizer.noise_multiplier
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return current
-        return self.gamma * current
+        return self._stepped(self.step_size, self.gamma)

@@ -28,14 +28,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from fastdp.engine.rules import get_rule
 
-from .errors import (  # noqa: F401  (re-exported: fastdp.validators.module_validator.UnsupportedModuleError)
-    IllegalModuleConfigurationError,
-    NotYetSupportedModuleError,
-    ShouldReplaceModuleError,
-    UnsupportableModuleError,
-    UnsupportedError,
-    UnsupportedModuleError,
-)
+from .errors import IllegalModuleConfigurationError, ShouldReplaceModuleError, UnsupportedModuleError
 
 logger = logging.getLogger(__name__)
 

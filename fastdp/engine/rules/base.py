@@ -150,6 +150,20 @@ class LayerRule:
             out[name].add_(grad)
 
 
+class NormBoundsRule(LayerRule):
+    """A rule whose norm bounds and clipped-sum slack come out of one computation (``norm_bounds``: both need
+    the samples' term mass, ``fastdp.ops.rounding``); the two single methods are its halves."""
+
+    def norm_bounds(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor):
+        raise NotImplementedError
+
+    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[0]
+
+    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.norm_bounds(module, inputs, grad_output)[1]
+
+
 def clipped_sum_of_grad_samples(factors: torch.Tensor, grad_samples: torch.Tensor) -> torch.Tensor:
     """``sum_i c_i G_i`` of materialised per-sample gradients, in (at least) fp32 and returned so: in
     bf16/fp16, rounding c and each c·G_i could take a contribution above C."""

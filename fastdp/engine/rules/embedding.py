@@ -17,7 +17,7 @@ from ...ops.embedding import (
     add_embedding_clipped_grad, embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq, token_mass,
 )
 from . import register_rule
-from .base import ClipFactors, LayerRule, OuterFactors, factors_for
+from .base import ClipFactors, LayerRule, NormBoundsRule, OuterFactors, factors_for
 
 
 class TokenList(NamedTuple):
@@ -45,7 +45,7 @@ def check_lookup_options(module: nn.Module) -> None:
         )
 
 
-class EmbeddingLookupRule(LayerRule):
+class EmbeddingLookupRule(NormBoundsRule):
     """Shared by lookup layers: subclasses say how a call becomes a ``TokenList``."""
 
     def tokens(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> TokenList:
@@ -72,11 +72,7 @@ class EmbeddingLookupRule(LayerRule):
         )
         return {"weight": embedding_norm_sq(*tokens, module.num_embeddings, padding_idx)}, {"weight": kappa * mass}
 
-    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[0]
 
-    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors

@@ -11,7 +11,7 @@ from torch import nn
 from ...ops import linear as linear_ops
 from ...ops import rounding, uses_torch_reference
 from . import register_rule
-from .base import ClipFactors, LayerRule, OuterFactors, factors_for
+from .base import ClipFactors, LayerRule, NormBoundsRule, OuterFactors, factors_for
 
 
 def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +20,7 @@ def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return a.to(dtype), g.to(dtype)
 
 
-class LinearRule(LayerRule):
+class LinearRule(NormBoundsRule):
     module_types = (nn.Linear,)
 
     @staticmethod
@@ -54,8 +54,6 @@ class LinearRule(LayerRule):
             norms["bias"], slack["bias"] = linear_ops.linear_bias_norm_sq(g, mass=mass), kappa * mass
         return norms, slack
 
-    def norm_sq_per_param(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[0]
 
     def clipped_grad(
         self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
@@ -90,9 +88,6 @@ class LinearRule(LayerRule):
         else:
             grad = linear_ops.linear_clipped_grad(a, g, factors)
             target.add_(grad.T if transposed else grad)
-
-    def rounding_slack(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
         """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""

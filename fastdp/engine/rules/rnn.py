@@ -26,7 +26,7 @@ from torch import nn
 from ...ops import linear as linear_ops
 from ...ops import rounding, uses_torch_reference
 from . import register_rule
-from .base import ClipFactors, LayerRule, factors_for
+from .base import ClipFactors, LayerRule, NormBoundsRule, factors_for
 from .linear import common_dtype
 
 Span = Optional[Tuple[int, int]]  # [start, stop) of a dimension, None for all of it
@@ -67,7 +67,7 @@ def _trainable(module: nn.Module, name: str) -> bool:
     return param is not None and param.requires_grad
 
 
-class SequenceLinearRule(LayerRule):
+class SequenceLinearRule(NormBoundsRule):
     """Per-sample norms, clipped sums and per-sample gradients of one ``capture_internal`` point.
 
     Recorded inputs: ``(SequenceLinear, a_0, a_1, ...)``, each ``a_j`` [B, T_j, d_j]; the output
@@ -119,11 +119,7 @@ class SequenceLinearRule(LayerRule):
         dtype = torch.promote_types(a.dtype, g.dtype)
         return rounding.clipped_sum_error(dtype, g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1])
 
-    def norm_sq_per_param(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[0]
 
-    def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.norm_bounds(module, inputs, grad_output)[1]
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
