@@ -70,7 +70,9 @@ def make_wheel(folder: Path, name: str = "fastdp_probe", version: str = "0.1") -
 def test_dry_run_runs_every_stage_on_cpu(tmp_path):
     make_wheel(tmp_path / "wheels")
     process, out, work = run_session(tmp_path, "all", "--dry-run", GPU_SESSION_MODELS="mlp",
-                                     GPU_SESSION_WHEELS=str(tmp_path / "wheels"))
+                                     GPU_SESSION_WHEELS=str(tmp_path / "wheels"),
+                                     # the default methods, without the Opacus rows an installed opacus would add
+                                     GPU_SESSION_METHODS="nonprivate,fastdp-bk,fastdp-bk-per_layer,fastdp-bk-cudagraph")
     log = process.stdout + process.stderr
     assert process.returncode == 0, log
     assert {path.name for path in out.iterdir()} == SESSION_FILES, log  # the device tool returns at most 8

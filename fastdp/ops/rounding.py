@@ -20,8 +20,8 @@ the norm (a crafted fp32 sample whose terms are 1e4× its sum got a ghost norm o
 
 Error model (Higham, *Accuracy and Stability of Numerical Algorithms*, §3): a sum or dot product
 of n terms, evaluated in any order in a format of unit roundoff u, is within ``γ_n Σ|terms|``
-of the exact value, ``γ_n = n u / (1 - n u)``. Our own reductions over long dimensions run in
-chunks of at most ``INNER_CHUNK`` (``chunked_bmm``) so that n stays small, and the final sums
+of the exact value, ``γ_n = n u / (1 - n u)``. Our own reductions over dimensions longer than
+``UNCHUNKED_WIDTH`` run in chunks of ``INNER_CHUNK`` (``chunked_bmm``) so that n stays small, and the final sums
 of many non-negative or cancelling terms run in float64. For the reduction over the B·T rows of
 a clipped sum, whose order belongs to the BLAS/cuDNN/oneDNN library, the bound assumes what
 their GEMM kernels do: rows are reduced as contiguous blocks (sequential, blocked, split-K or a
@@ -46,8 +46,10 @@ TF32_ROUNDOFF = 2.0**-11
 #: what fastdp's Triton kernels' tf32x3 products may lose per fp32 product (``kernels/_triton_utils.py``)
 TF32X3_PRODUCT_ERROR = 3 * 2.0**-22
 
-#: longest dot product our own reductions run in one piece (``chunked_bmm``); γ grows with it
+#: dot products longer than ``UNCHUNKED_WIDTH`` run in pieces of ``INNER_CHUNK`` (``chunked_bmm``): γ grows
+#: with the length reduced in one piece, and the pieces cost little once the width is large
 INNER_CHUNK = 256
+UNCHUNKED_WIDTH = 1024
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -74,8 +76,9 @@ def gamma(n, unit: float = UNIT_ROUNDOFF[torch.float32]):
 def chunked_dot_error(width: int, dtype: torch.dtype = torch.float32) -> float:
     """The error bound, relative to Σ|x_k y_k|, of a length-``width`` dot product by ``chunked_bmm`` in
     ``dtype`` (float32 or float64)."""
-    chunks = max(1, -(-width // INNER_CHUNK))
-    return gamma(min(width, INNER_CHUNK) + chunks - 1, UNIT_ROUNDOFF[dtype])
+    if width <= UNCHUNKED_WIDTH:
+        return gamma(width, UNIT_ROUNDOFF[dtype])
+    return gamma(INNER_CHUNK + -(-width // INNER_CHUNK) - 1, UNIT_ROUNDOFF[dtype])
 
 
 def chunked_bmm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,7 +86,7 @@ def chunked_bmm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.T
     that each result is within ``chunked_dot_error(width)`` of exact, whatever the BLAS's order.
     Call it under ``ieee_fp32()``: the bound assumes IEEE products, not TF32."""
     width = x.shape[-1]
-    if width <= INNER_CHUNK:
+    if width <= UNCHUNKED_WIDTH:
         return torch.matmul(x.to(dtype), y.to(dtype))
     out = None
     for start in range(0, width, INNER_CHUNK):
@@ -108,47 +111,75 @@ def row_norms_upper(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=dim, dtype=dtype).double() * (1 + gamma(x.shape[dim] + 2, UNIT_ROUNDOFF[dtype]))
 
 
-def term_mass(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Upper bounds of ``S_i = Σ_t ‖a_t‖‖g_t‖`` for a [B, T, d], g [B, T, p]: float64 [B]."""
+def term_masses(a: torch.Tensor, g: torch.Tensor):
+    """Upper bounds of ``S_i = Σ_t ‖a_t‖‖g_t‖`` and of ``Σ_t ‖g_t‖`` (a bias's term mass: its input is 1)
+    for a [B, T, d], g [B, T, p], from one pass over each: float64 [B] both."""
     dtype = accumulation_dtype(a, g)
     unit = UNIT_ROUNDOFF[dtype]
-    products = torch.linalg.vector_norm(a, dim=2, dtype=dtype) * torch.linalg.vector_norm(g, dim=2, dtype=dtype)
-    error = (1 + gamma(a.shape[2] + 2, unit)) * (1 + gamma(g.shape[2] + 2, unit)) * (1 + unit)
-    return products.sum(1, dtype=torch.float64) * (error * (1 + gamma(a.shape[1], UNIT_ROUNDOFF[torch.float64])))
+    g_norms = torch.linalg.vector_norm(g, dim=2, dtype=dtype)
+    products = torch.linalg.vector_norm(a, dim=2, dtype=dtype) * g_norms
+    g_error = (1 + gamma(g.shape[2] + 2, unit)) * (1 + gamma(a.shape[1], UNIT_ROUNDOFF[torch.float64]))
+    error = g_error * (1 + gamma(a.shape[2] + 2, unit)) * (1 + unit)
+    return products.sum(1, dtype=torch.float64).mul_(error), g_norms.sum(1, dtype=torch.float64).mul_(g_error)
+
+
+def term_mass(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of ``S_i = Σ_t ‖a_t‖‖g_t‖`` for a [B, T, d], g [B, T, p]: float64 [B]."""
+    return term_masses(a, g)[0]
 
 
 def bias_term_mass(g: torch.Tensor) -> torch.Tensor:
     """``Σ_t ‖g_t‖`` for g [B, T, p] (a bias is a weight whose input is 1): float64 [B]."""
     dtype = accumulation_dtype(g)
     error = (1 + gamma(g.shape[2] + 2, UNIT_ROUNDOFF[dtype])) * (1 + gamma(g.shape[1], UNIT_ROUNDOFF[torch.float64]))
-    return torch.linalg.vector_norm(g, dim=2, dtype=dtype).sum(1, dtype=torch.float64) * error
+    return torch.linalg.vector_norm(g, dim=2, dtype=dtype).sum(1, dtype=torch.float64).mul_(error)
+
+
+#: elements converted to float64 at a time by the row norms below (2 MiB): no float64 copy of a whole tensor
+FLOAT64_CHUNK_NUMEL = 1 << 18
+
+
+def _float64_row_norms(flat: torch.Tensor) -> torch.Tensor:
+    """The row norms of ``flat [B, n]`` summed in float64, a chunk of rows at a time: float64 [B]."""
+    step = max(1, FLOAT64_CHUNK_NUMEL // max(1, flat.shape[1]))
+    if step >= flat.shape[0]:
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+    return torch.cat([
+        torch.linalg.vector_norm(flat[start : start + step], dim=1, dtype=torch.float64)
+        for start in range(0, flat.shape[0], step)
+    ])
+
+
+def row_norms_float64(x: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the row norms of ``x [B, d]`` computed in float64: float64 [B]."""
+    return _float64_row_norms(x) * (1 + gamma(x.shape[1] + 3, UNIT_ROUNDOFF[torch.float64]))
 
 
 def product_norm_sq_upper(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``‖a_i‖²‖g_i‖²`` (a [B, d], g [B, p]: the norm² of the outer product g_i ⊗ a_i, one position),
     with both norms in float64: float64 [B], an upper bound by the float64 rounding alone."""
-    a_sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64).square()
-    g_sq = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square()
-    u = UNIT_ROUNDOFF[torch.float64]
-    return a_sq * g_sq * ((1 + gamma(a.shape[1] + 3, u)) * (1 + gamma(g.shape[1] + 3, u)) * BOUND_ARITHMETIC)
+    return (row_norms_float64(a) * row_norms_float64(g)).square() * BOUND_ARITHMETIC
 
 
 # -- upper bounds of per-sample norms ----------------------------------------------------------
 def ghost_norm_sq_upper(
     value: torch.Tensor, mass: torch.Tensor, gram_error_a: float, gram_error_g: float, sum_error: float
 ) -> torch.Tensor:
-    """Bound ``‖G_i‖²`` from its Gram form ``value = Σ_{t,s} A_ts B_ts`` (float64), A ≈ a aᵀ and
-    B ≈ g gᵀ computed with entry errors ``gram_error_* · ‖x_t‖‖x_s‖``, the products and their sum
+    """Bound ``‖G_i‖²`` from its Gram form ``value = Σ_{t,s} A_ts B_ts`` (float64, updated in place), A ≈ a aᵀ
+    and B ≈ g gᵀ computed with entry errors ``gram_error_* · ‖x_t‖‖x_s‖``, the products and their sum
     (of positions² terms) with relative error ``sum_error``: ``|value - ‖G‖²| ≤ θ S²``."""
     theta = (1 + gram_error_a) * (1 + gram_error_g) * (1 + sum_error) - 1
-    return (value.clamp(min=0) + theta * mass.square()) * BOUND_ARITHMETIC
+    return value.clamp_(min=0).addcmul_(mass, mass, value=theta).mul_(BOUND_ARITHMETIC)
 
 
 def direct_norm_sq_upper(frobenius_sq: torch.Tensor, mass: torch.Tensor, entry_error: float, sum_error: float) -> torch.Tensor:
-    """Bound ``‖G_i‖²`` from ``frobenius_sq`` (float64), the squared norm of a computed ``G̃_i`` whose
-    entries are within ``entry_error · Σ_t |g_t||a_t|`` of exact (so ``‖G̃ - G‖ ≤ entry_error·S``),
-    summed with relative error ``sum_error``: ``(‖G̃‖ + entry_error·S)²``."""
-    return ((frobenius_sq.clamp(min=0) * (1 + sum_error)).sqrt() + entry_error * mass).square() * BOUND_ARITHMETIC
+    """Bound ``‖G_i‖²`` from ``frobenius_sq`` (float64, updated in place), the squared norm of a computed
+    ``G̃_i`` whose entries are within ``entry_error · Σ_t |g_t||a_t|`` of exact (so ``‖G̃ - G‖ ≤
+    entry_error·S``; ``entry_error`` a number or one per sample), summed with relative error
+    ``sum_error``: ``(‖G̃‖ + entry_error·S)²``."""
+    norms = frobenius_sq.clamp_(min=0).mul_(1 + sum_error).sqrt_()
+    norms = norms.addcmul_(entry_error, mass) if isinstance(entry_error, torch.Tensor) else norms.add_(mass, alpha=entry_error)
+    return norms.square_().mul_(BOUND_ARITHMETIC)
 
 
 def cross_inner_upper(value: torch.Tensor, mass_1: torch.Tensor, mass_2: torch.Tensor, error: float) -> torch.Tensor:
@@ -160,15 +191,8 @@ def norm_sq_upper(x: torch.Tensor) -> torch.Tensor:
     """Upper bounds of ``‖x_i‖²`` for a materialised ``x [B, ...]``, float64 [B]: squares summed in float64
     (a chunk of samples at a time, so no float64 copy of the whole tensor)."""
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    step = max(1, (1 << 22) // max(1, flat.shape[1]))
-    if step >= flat.shape[0]:
-        out = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
-    else:
-        out = torch.cat([
-            torch.linalg.vector_norm(flat[start : start + step], dim=1, dtype=torch.float64).square()
-            for start in range(0, flat.shape[0], step)
-        ])
-    return out * ((1 + gamma(flat.shape[1] + 3, UNIT_ROUNDOFF[torch.float64])) * BOUND_ARITHMETIC)
+    out = _float64_row_norms(flat).square_()
+    return out.mul_((1 + gamma(flat.shape[1] + 3, UNIT_ROUNDOFF[torch.float64])) * BOUND_ARITHMETIC)
 
 
 # -- slack of the clipped sums -------------------------------------------------------------------

@@ -45,13 +45,22 @@ class LinearRule(NormBoundsRule):
         kappa = rounding.clipped_sum_error(
             torch.promote_types(a.dtype, g.dtype), g.device, positions=g.shape[1], rows=g.shape[0] * g.shape[1]
         )
+        weight = module.weight.requires_grad
+        bias = module.bias is not None and module.bias.requires_grad
+        if g.shape[1] == 1:  # one position: G_i = g_i ⊗ a_i, norm and term mass both ‖a_i‖‖g_i‖
+            g_norm = rounding.row_norms_float64(g[:, 0])
+            masses = {"bias": g_norm} if bias else {}
+            if weight:
+                masses["weight"] = rounding.row_norms_float64(a[:, 0]) * g_norm * rounding.BOUND_ARITHMETIC
+            norms = {name: mass.square() * rounding.BOUND_ARITHMETIC for name, mass in masses.items()}
+            return norms, {name: kappa * mass for name, mass in masses.items()}
+        weight_mass, bias_mass = rounding.term_masses(a, g)
         norms, slack = {}, {}
-        if module.weight.requires_grad:
-            mass = rounding.term_mass(a, g)
-            norms["weight"], slack["weight"] = linear_ops.linear_weight_norm_sq(a, g, mass=mass), kappa * mass
-        if module.bias is not None and module.bias.requires_grad:
-            mass = rounding.bias_term_mass(g)
-            norms["bias"], slack["bias"] = linear_ops.linear_bias_norm_sq(g, mass=mass), kappa * mass
+        if weight:
+            norms["weight"] = linear_ops.linear_weight_norm_sq(a, g, mass=weight_mass)
+            slack["weight"] = kappa * weight_mass
+        if bias:
+            norms["bias"], slack["bias"] = linear_ops.linear_bias_norm_sq(g, mass=bias_mass), kappa * bias_mass
         return norms, slack
 
 
