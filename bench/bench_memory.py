@@ -4,6 +4,7 @@
     python -m bench.bench_memory --baseline-root /tmp/base         # also each DP method with another checkout's
                                                                    # fastdp: before and after in one run
     python -m bench.bench_memory --quick                           # scaled-down models (a smoke run)
+    python -m bench.bench_memory --budget 512                      # also the largest batch within 512 MiB
 
 A child process builds the model and one fixed batch (``bench.models``), lets the method wrap the
 model and make its optimizer (``bench.methods``: the same σ = 1, C = 1, mean loss and SGD as
@@ -38,7 +39,9 @@ from typing import Callable, Dict, List, Optional
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "MEMORY_RESULT "
 BASELINE = "nonprivate"
-DEFAULT_METHODS = ["nonprivate", "fastdp-bk", "fastdp-bk-per_layer", "opacus-hooks", "opacus-ghost"]
+DEFAULT_METHODS = ["nonprivate", "nonprivate-kept-grads", "fastdp-bk", "fastdp-bk-per_layer", "opacus-hooks", "opacus-ghost"]
+#: the second baseline: non-private training whose gradients stay allocated between steps, as fastdp's buffer does
+KEPT_GRADS = "nonprivate-kept-grads"
 #: the glibc setting of every child: allocations above it are mapped and unmapped on free
 MMAP_THRESHOLD = 1 << 16
 
@@ -174,9 +177,10 @@ def worker(args) -> dict:
         use_fastdp_from(args.fastdp_root)
         device = configure_device(args)
         spec = _specs(args.quick)[args.model]()
-        result.update(description=spec.description, batch_size=spec.batch_size)
+        result.update(description=spec.description, batch_size=args.batch or spec.batch_size)
         spec.model.to(device)
-        x, y = spec.make_batch(spec.batch_size, device, torch.Generator().manual_seed(1))
+        batch_size = args.batch or spec.batch_size
+        x, y = spec.make_batch(batch_size, device, torch.Generator().manual_seed(1))
         settings = RunSettings(device=device)
         prepared = METHODS[args.method](spec, x, y, settings)
         gc.collect()
@@ -216,12 +220,57 @@ def run_child(model: str, method: str, version: str, root: Optional[str], args, 
     return row
 
 
-def run_measure(measure: str, model: str, method: str, version: str, root: Optional[str], args, log_dir: Path) -> dict:
+def largest_batch(model: str, method: str, version: str, root: Optional[str], row: dict, args, log_dir: Path) -> None:
+    """With ``--budget``: the largest batch whose allocated peak fits the budget, searched with measurements
+    (each in its own process): a line through the peaks at the row's batch and at half of it proposes a
+    batch, then bisection between the largest batch measured to fit and the smallest measured not to, until
+    they are within 1/32 of each other or ``--budget-probes`` ran. Sets ``largest_batch`` (measured to fit)
+    and ``first_batch_over`` (measured not to; None when no probe went over)."""
+    budget = args.budget * 2**20
+    peaks = {row["batch_size"]: row["allocated_peak_bytes"]}
+
+    def peak(batch: int) -> Optional[int]:
+        if batch not in peaks:
+            probe = run_measure("allocated", model, method, version, root, args, log_dir, batch=batch)
+            peaks[batch] = probe["allocated_peak_bytes"] if probe.get("ok") else None
+        return peaks[batch]
+
+    batch = row["batch_size"]
+    half = max(1, batch // 2)
+    if half != batch and peak(half) is not None and peaks[batch] > peaks[half]:
+        per_sample = (peaks[batch] - peaks[half]) / (batch - half)
+        guess = max(1, int((budget - (peaks[batch] - per_sample * batch)) // per_sample))
+    else:
+        guess = batch * 2
+    fits = [b for b, v in peaks.items() if v is not None and v <= budget]
+    over = [b for b, v in peaks.items() if v is None or v > budget]
+    lo, hi = max(fits, default=0), min(over, default=None)
+    for _ in range(args.budget_probes):
+        if hi is not None and hi - lo <= max(1, lo // 32):
+            break
+        if hi is None:
+            candidate = max(guess, 2 * lo) if guess > lo else 2 * lo
+        else:
+            candidate = guess if lo < guess < hi else (lo + hi) // 2
+        candidate = max(candidate, 1)
+        value = peak(candidate)
+        if value is not None and value <= budget:
+            lo = candidate
+        else:
+            hi = candidate
+        guess = (lo + hi) // 2 if hi is not None else 2 * lo
+    if lo:
+        row.update(largest_batch=lo, largest_batch_peak_bytes=peaks[lo], first_batch_over=hi)
+
+
+def run_measure(measure: str, model: str, method: str, version: str, root: Optional[str], args, log_dir: Path,
+                batch: Optional[int] = None) -> dict:
     from bench.methods import BACKEND_OF_METHOD
 
     command = [sys.executable, "-m", "bench.bench_memory", "--worker", "--model", model, "--method", method,
                "--version", version, "--steps", str(args.steps), "--device", args.device, "--measure", measure]
     command += ["--quick"] if args.quick else []
+    command += ["--batch", str(batch)] if batch else []
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--fastdp-root", root] if root else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -230,7 +279,7 @@ def run_measure(measure: str, model: str, method: str, version: str, root: Optio
     if method in BACKEND_OF_METHOD:
         env["FASTDP_BACKEND"] = BACKEND_OF_METHOD[method]
     failed = {"model": model, "method": method, "version": version, "ok": False}
-    log = log_dir / f"{model}-{method}-{version}-{measure}.log"
+    log = log_dir / f"{model}-{method}-{version}-{measure}{f'-b{batch}' if batch else ''}.log"
     try:
         process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as expired:
@@ -248,11 +297,14 @@ def run_measure(measure: str, model: str, method: str, version: str, root: Optio
 def add_ratios(rows: List[dict]) -> None:
     """Each row's peaks over its model's non-private peaks (the non-private row is shared by both versions)."""
     base = {r["model"]: r for r in rows if r["method"] == BASELINE and r.get("ok")}
+    kept = {r["model"]: r for r in rows if r["method"] == KEPT_GRADS and r.get("ok")}
     for row in rows:
         reference = base.get(row["model"])
         for kind in ("allocated", "resident"):
             value, ref = row.get(f"{kind}_peak_bytes"), (reference or {}).get(f"{kind}_peak_bytes")
             row[f"{kind}_ratio"] = value / ref if row.get("ok") and value is not None and ref else None
+        value, ref = row.get("allocated_peak_bytes"), (kept.get(row["model"]) or {}).get("allocated_peak_bytes")
+        row["allocated_ratio_kept"] = value / ref if row.get("ok") and value is not None and ref else None
 
 
 def _bytes(value) -> str:
@@ -272,22 +324,34 @@ def markdown(header: dict, rows: List[dict]) -> str:
         model_rows = [r for r in rows if r["model"] == model]
         description = next((r["description"] for r in model_rows if r.get("description")), "")
         lines += ["", f"## {model} — {description}", "",
-                  "| method | version | allocated peak | × non-private | resident peak | × non-private | goal | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | version | allocated peak | × non-private | × kept grads | resident peak | × non-private "
+                  "| goal | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in model_rows:
             bound = goal(model, row["method"])
             met = ""
             if bound is not None and row.get("allocated_ratio") is not None:
                 met = f"≤ {bound}: {'met' if row['allocated_ratio'] <= bound else 'not met'}"
-            version = row["version"] if row["method"] != BASELINE else "—"
+                if row.get("allocated_ratio_kept") is not None:
+                    met += f" ({'met' if row['allocated_ratio_kept'] <= bound else 'not met'} vs kept grads)"
+            version = row["version"] if row["method"].startswith("fastdp") else "—"
             if not row.get("ok"):
-                lines.append(f"| {row['method']} | {version} | — | — | — | — | {met} | error: {row.get('error', '?')} |")
+                lines.append(f"| {row['method']} | {version} | — | — | — | — | — | {met} | error: {row.get('error', '?')} |")
                 continue
             lines.append(
                 f"| {row['method']} | {version} | {_bytes(row['allocated_peak_bytes'])} | {_ratio(row['allocated_ratio'])} "
-                f"| {_bytes(row.get('resident_peak_bytes'))} | {_ratio(row.get('resident_ratio'))} | {met} "
+                f"| {_ratio(row.get('allocated_ratio_kept'))} | {_bytes(row.get('resident_peak_bytes'))} | {_ratio(row.get('resident_ratio'))} | {met} "
                 f"| {row.get('note', '')} |"
             )
+    budget_rows = [r for r in rows if r.get("largest_batch")]
+    if budget_rows:
+        lines += ["", f"## Largest batch within {header.get('budget', '?')}", "",
+                  "| model | method | version | largest batch measured to fit | its peak | smallest measured over |",
+                  "|---|---|---|---|---|---|"]
+        for r in budget_rows:
+            version = r["version"] if r["method"].startswith("fastdp") else "—"
+            lines.append(f"| {r['model']} | {r['method']} | {version} | {r['largest_batch']} "
+                         f"| {_bytes(r['largest_batch_peak_bytes'])} | {r.get('first_batch_over') or '—'} |")
     lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
@@ -299,7 +363,12 @@ LEGEND = """\
   the steps count (non-private training's gradients count too).
 - **resident peak**: CPU: growth of the peak resident set size over the steps (VmHWM, reset before the first
   step), children run with MALLOC_MMAP_THRESHOLD_=65536; coarse (allocator caching, library scratch).
-- **× non-private**: peak / the non-private peak of the same model (one non-private row serves both versions).
+- **× non-private**: peak / the non-private peak of the same model (the non-fastdp rows run once and serve both versions);
+  non-private frees its gradients every step (`zero_grad(set_to_none=True)`), so its gradients grow layer by
+  layer while the activations are freed. **× kept grads**: peak / `nonprivate-kept-grads`, non-private
+  training whose gradients stay allocated (`set_to_none=False`, as with DDP bucket views or a flat gradient
+  buffer): the like-for-like baseline of fastdp's persistent gradient buffer, which is allocated whole
+  when the first backward reaches a layer, beside the activations still held.
 - **version**: `before` = fastdp from --baseline-root, `after` = this checkout (same bench code, same models).
 - **goal**: issue 15: per_layer ≤ 1.05× non-private on every model; flat (fastdp-bk) ≤ 1.3× on the
   transformer-shaped models, ≤ 1.5× on the others (judged on the allocated peak).
@@ -327,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="scaled-down models")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default <temp>/fastdp-bench/<date>-memory)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="MiB: also the largest batch whose allocated peak fits it (searched by measurement)")
+    parser.add_argument("--budget-probes", type=int, default=6, help="measurements per search with --budget (default 6)")
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
@@ -353,6 +426,8 @@ def main(argv=None) -> int:
         methods = _comma_list(args.methods, list(METHODS), "method")
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be a positive number of MiB, got {args.budget}")
     if args.steps < 1:
         parser.error(f"--steps must be ≥ 1, got {args.steps}")
     if args.baseline_root and not (Path(args.baseline_root) / "fastdp" / "__init__.py").exists():
@@ -361,6 +436,8 @@ def main(argv=None) -> int:
     header = environment_header("python -m bench.bench_memory " + shlex.join(argv), args.device)
     header.update({"preset": "quick" if args.quick else "issue 15 sizes", "steps measured": args.steps,
                    "cpu threads per process": args.threads})
+    if args.budget:
+        header["budget"] = f"{args.budget:g} MiB of allocated peak"
     if args.baseline_root:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline_root, capture_output=True,
                                 text=True).stdout.strip()
@@ -373,10 +450,12 @@ def main(argv=None) -> int:
     for model in models:
         for method in methods:
             versions = [("after", None)]
-            if args.baseline_root and method != BASELINE:
+            if args.baseline_root and method.startswith("fastdp"):  # the others do not run fastdp
                 versions.insert(0, ("before", args.baseline_root))
             for version, root in versions:
                 row = run_child(model, method, version, root, args, log_dir)
+                if args.budget and row.get("ok"):
+                    largest_batch(model, method, version, root, row, args, log_dir)
                 rows.append(row)
                 write(out_dir, header, rows)
                 text = (f"allocated {_bytes(row['allocated_peak_bytes'])} ({_ratio(row.get('allocated_ratio'))}), "

@@ -590,7 +590,7 @@ class GradSampleModule(nn.Module):
         params = {key: param for step in steps for key, (param, _) in step.materialised.items()}
         for key, param in params.items():
             parts = [
-                step.materialised[key][1] if key in step.materialised
+                step.materialised[key][1] * step.scale if key in step.materialised
                 else torch.zeros((step.batch_size, *param.shape), dtype=param.dtype, device=param.device)
                 for step in steps
             ]
@@ -688,7 +688,9 @@ class _BackwardStep:
         self.loss_scale = loss_scale
         self.device = calls[0].device
         self.rule_calls: List[ModuleCall] = []
-        self.materialised: Dict[int, tuple] = {}  # id(p) -> (p, per-sample grads summed over its calls)
+        # id(p) -> (p, per-sample grads summed over its calls), of the loss as computed (without ``scale``,
+        # which multiplies their norms and clip factors instead: no scaled copy)
+        self.materialised: Dict[int, tuple] = {}
         materialised_calls, cross_factors = _split_calls(calls, materialise_all)
         for call in calls:
             if id(call) not in materialised_calls:
@@ -700,7 +702,6 @@ class _BackwardStep:
             call.grad_samples = call.inputs = call.grad_output = None  # the per-sample gradients replace them
             for name, grads in grad_samples.items():
                 param = call.params[name]
-                grads = grads * self.scale if self.scale != 1.0 else grads
                 if id(param) in self.materialised:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
@@ -738,7 +739,7 @@ class _BackwardStep:
             )
             norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross.double()).clamp(min=0)  # NaN stays NaN
         for key, (_, grads) in self.materialised.items():
-            norm_sq[key] = rounding.norm_sq_upper(grads).double()
+            norm_sq[key] = rounding.norm_sq_upper(grads) * self.scale**2
         for key, value in slack.items():  # clip what is computed: ‖G_i‖ + its rounding bound
             norm_sq[key] = (norm_sq[key].sqrt() + value).square()
         if self.loss_scale is not None:
@@ -768,7 +769,7 @@ class _BackwardStep:
             param, grads = self.materialised.pop(key)
             if drop_rows is not None:
                 grads = _zero_rows(grads, drop_rows)
-            add_clipped_sum_of_grad_samples(target_of(param), factors[key], grads)
+            add_clipped_sum_of_grad_samples(target_of(param), factors[key] * self.scale, grads)
             del grads
 
 

@@ -16,8 +16,8 @@ import torch
 from . import op, rounding
 
 #: scratch elements one chunk of a torch reference may allocate; bounds the memory of
-#: per-sample Gram matrices, per-sample gradients and conv patches to ~64 MiB (fp32).
-CHUNK_NUMEL = 1 << 24
+#: per-sample Gram matrices, per-sample gradients and conv patches to ~16 MiB (fp32).
+CHUNK_NUMEL = 1 << 22
 
 
 def batch_chunks(batch: int, numel_per_sample: int):
