@@ -96,7 +96,7 @@ def embedding_norm_sq(
     """An upper bound of each sample's squared weight-gradient norm, float64 ``[batch_size]``
     (``embedding_norm_sq_upper``: cancelling tokens of one row cannot hide in rounding)."""
     row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
-    row_norm_sq = row_grads.double().pow(2).sum(1)  # empty segments: 0
+    row_norm_sq = rounding.row_sq_sums_float64(row_grads)  # empty segments: 0
     if padding_idx >= 0:
         row_norm_sq.masked_fill_(segment_keys % num_embeddings == padding_idx, 0)
     value = torch.zeros(batch_size, dtype=torch.float64, device=token_grads.device)

@@ -82,7 +82,7 @@ def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.
     with rounding.ieee_fp32():
         for rows in batch_chunks(B, T * (d + p) + 5 * p * d):
             per_sample = rounding.chunked_bmm(g[rows].mT, a[rows], dtype)
-            value[rows] = per_sample.double().square().sum((1, 2))
+            value[rows] = rounding.row_sq_sums_float64(per_sample.flatten(1))
     return rounding.direct_norm_sq_upper(
         value, rounding.term_mass(a, g) if mass is None else mass, rounding.chunked_dot_error(T, dtype),
         rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]),

@@ -154,6 +154,15 @@ def _float64_row_norms(x: torch.Tensor) -> torch.Tensor:
     ])
 
 
+def row_sq_sums_float64(x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j x_ij²`` of the rows of ``x [B, n]``, squares and sums in float64 (a chunk of rows converted at a
+    time): float64 [B]."""
+    step = max(1, FLOAT64_CHUNK_NUMEL // max(1, x.shape[1]))
+    if step >= x.shape[0]:
+        return x.double().pow_(2).sum(1)
+    return torch.cat([x[start : start + step].double().pow_(2).sum(1) for start in range(0, x.shape[0], step)])
+
+
 def row_norms_float64(x: torch.Tensor) -> torch.Tensor:
     """Upper bounds of the row norms of ``x [B, d]`` computed in float64: float64 [B]."""
     return _float64_row_norms(x) * (1 + gamma(x.shape[1] + 3, UNIT_ROUNDOFF[torch.float64]))
