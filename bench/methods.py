@@ -68,13 +68,13 @@ def _one_batch_loader(x, y) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=x.shape[0])
 
 
-def _plain_step(model, optimizer, criterion, x, y, run) -> Callable[[], None]:
+def _plain_step(model, optimizer, criterion, x, y, run, keep_grads: bool = False) -> Callable[[], None]:
     def step():
         with run.autocast():
             loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
 
     return step
 
@@ -96,6 +96,14 @@ def _clip_factors(norms: torch.Tensor) -> torch.Tensor:
 def nonprivate(spec, x, y, run) -> Prepared:
     model = spec.model
     return Prepared(_plain_step(model, _sgd(model.parameters()), spec.criterion(), x, y, run))
+
+
+def nonprivate_kept_grads(spec, x, y, run) -> Prepared:
+    """Non-private training whose gradients stay allocated between steps (``zero_grad(set_to_none=False)``,
+    as with DDP's ``gradient_as_bucket_view`` or a flat gradient buffer): the memory baseline for a DP
+    optimizer that keeps its gradients in one persistent buffer."""
+    model = spec.model
+    return Prepared(_plain_step(model, _sgd(model.parameters()), spec.criterion(), x, y, run, keep_grads=True))
 
 
 def _torch_rnn_layers(model: nn.Module) -> List[str]:
@@ -298,6 +306,7 @@ def opacus_method(mode: str):
 
 METHODS: Dict[str, Callable] = {
     "nonprivate": nonprivate,
+    "nonprivate-kept-grads": nonprivate_kept_grads,
     "fastdp-bk": fastdp_method("bk"),
     "fastdp-hooks": fastdp_method("hooks"),
     "fastdp-functorch": fastdp_method("functorch"),

@@ -183,10 +183,12 @@ class GraphedDPStep:
                 raise ValueError("this torch cannot replay a non-default CUDA generator in a graph; "
                                  "pass noise_generator=None (the default CUDA generator; seed it with torch.manual_seed)")
             graph.register_generator_state(generator)
-        self.optimizer.zero_grad(set_to_none=True)  # the captured step allocates its gradients in the graph's pool
         hook, self.optimizer.step_hook = self.optimizer.step_hook, None
         try:
             with torch.cuda.graph(graph):
+                # captured too: each replay starts by zeroing the gradient buffer (allocated by the eager step,
+                # so its address is static), which holds the previous step's released gradient
+                self.optimizer.zero_grad(set_to_none=True)
                 self._static_output = self.step_fn(static_batch)
                 self.optimizer.step()
         finally:

@@ -74,7 +74,8 @@ def test_optimizer_side_clipping_of_grad_samples_set_by_hand():
     per_sample = microbatch_per_sample_grads(model, x, y)
     expected = {n: g / B for n, g in clipped_sum(per_sample, C).items()}
     optimizer = DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B,
+        keep_summed_grad=True,
     )
     for name, p in model.named_parameters():
         p.grad_sample = per_sample[name]
@@ -118,6 +119,26 @@ def test_laplace_subclass_overrides_the_noise_stage():
 
 
 def test_summed_grad_holds_the_clipped_sum_until_zero_grad():
+    """With keep_summed_grad=True (Opacus's behaviour) the clipped sum outlives the step, in its own buffer."""
+    model, x, y = _model_and_batch()
+    expected = _expected_grads(model, x, y, divisor=1)
+    module, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B),
+        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, keep_summed_grad=True,
+    )
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.summed_grad, expected[name], rtol=1e-4, atol=1e-6)
+        assert p.summed_grad.untyped_storage().data_ptr() != p.grad.untyped_storage().data_ptr()
+    optimizer.zero_grad()
+    assert all(p.summed_grad is None and p.grad is None for p in model.parameters())
+
+
+def test_summed_grad_holds_the_clipped_sum_until_the_noise_goes_into_its_buffer():
+    """By default the noise goes into the gradient buffer in place: p.summed_grad is the clipped sum (a view of
+    the buffer) from clip_and_accumulate until the noise pass, then None, never the noised values."""
     model, x, y = _model_and_batch()
     expected = _expected_grads(model, x, y, divisor=1)
     module, optimizer, _ = PrivacyEngine().make_private(
@@ -126,11 +147,13 @@ def test_summed_grad_holds_the_clipped_sum_until_zero_grad():
         noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False,
     )
     F.cross_entropy(module(x), y).backward()
-    optimizer.step()
+    optimizer.clip_and_accumulate()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.summed_grad, expected[name], rtol=1e-4, atol=1e-6)
-    optimizer.zero_grad()
-    assert all(p.summed_grad is None and p.grad is None for p in model.parameters())
+    optimizer.zero_grad()  # a fresh start: the step below clips the same batch again
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    assert all(p.summed_grad is None and p.grad is not None for p in model.parameters())
 
 
 def test_step_twice_without_zero_grad_is_an_error():

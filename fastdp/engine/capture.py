@@ -28,7 +28,10 @@ from .rules import LayerRule
 class ModuleCall:
     """One call of a routed module in a forward pass: what its rule needs in the backward."""
 
-    __slots__ = ("module", "rule", "inputs", "params", "grad_output", "batch_first", "forward")
+    __slots__ = (
+        "module", "rule", "inputs", "params", "grad_output", "batch_first", "forward", "rows", "device", "norm_parts",
+        "grad_samples",
+    )
 
     def __init__(
         self, module: nn.Module, rule: LayerRule, inputs, params: Dict[str, nn.Parameter], batch_first: bool = False
@@ -40,6 +43,12 @@ class ModuleCall:
         self.grad_output: Optional[torch.Tensor] = None
         self.batch_first = batch_first  # True: inputs and grad_output are batch-first whatever the model's layout
         self.forward = None  # the top-level forward whose samples the call's rows are (set by the engine)
+        # set by the engine in the backward: the number of rows (samples) and the device of the output gradient,
+        # and, for a call reduced there, its rule's (norm bounds, clipped-sum slack) or its per-sample gradients
+        self.rows: Optional[int] = None
+        self.device: Optional[torch.device] = None
+        self.norm_parts = None
+        self.grad_samples = None
 
 
 class CaptureOutputGrad(torch.autograd.Function):

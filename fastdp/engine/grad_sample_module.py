@@ -9,14 +9,19 @@ The data flow of one DP step (see DESIGN.md), in this file's order:
    Each call's rows are checked to be the samples of the forward it belongs to
    (``_register_call``); several forwards before one backward are distinct samples.
 3. backward: each call receives its output gradient (``_on_grad_output``); the
-   first one queues ``_finish_backward`` to run when the backward ends.
+   first one queues ``_finish_backward`` to run when the backward ends. A call whose
+   parameters are used once is reduced there already (``_reduce_in_backward``): its
+   rule's norm bounds are computed (so no Gram matrix outlives the layer's backward), or,
+   where the rule finds that cheaper, its per-sample gradients are formed and its
+   (inputs, output gradient) dropped. With per-layer clipping such a call is clipped there
+   (``_clip_in_backward``): nothing of it outlives its backward.
 4. ``_finish_backward``: per forward, per-sample upper bounds of the squared norms from
    each call's rule (``fastdp.ops.rounding``: every norm bounds the contribution as
-   computed) → norms → clip factors (``clipping``) → each call's clipped sum,
-   accumulated into ``p.grad``; the recorded activations are freed. With per-layer
-   clipping, a call whose parameters are used once is clipped at step 3 already
-   (``_clip_in_backward``), so its activations live no longer than in a non-private backward.
-5. The optimizer (``DPOptimizer``) adds noise once, scales and steps.
+   computed; shared parameters' cross terms here) → norms → clip factors (``clipping``) →
+   each call's clipped sum, added in place into the parameter's gradient (its view of the
+   optimizer's gradient buffer, ``_grad_target``); each call's activations are freed the
+   moment its clipped sum is formed.
+5. The optimizer (``DPOptimizer``) adds noise once, in place, scales and steps.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..validators.errors import SampleMixingModuleError
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from .rules import get_rule, qualified_name
-from .rules.base import clipped_sum_of_grad_samples, outer_inner_product
+from .rules.base import add_clipped_sum_of_grad_samples, outer_inner_product
 from .rules.functorch import FUNCTORCH_RULE, FUNCTORCH_RULE_BATCH_SECOND
 
 MODES = ("bk", "hooks", "functorch")
@@ -60,15 +65,6 @@ def check_mode(value) -> str:
     if value not in MODES:
         raise ValueError(f"grad_sample_mode must be one of {MODES} (or 'ghost' = 'bk'), got {value!r}")
     return value
-
-
-def _add_to_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
-    """Accumulate like autograd does: several backward passes (virtual steps) add up."""
-    grad = grad.detach().to(param.dtype)
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
 
 
 #: Hugging Face models compute their own loss from ``labels=``; found by class name (no import)
@@ -166,6 +162,8 @@ class GradSampleModule(nn.Module):
         #: whole DP step on fixed-shape (padded, masked) batches can be captured; non-finite samples are
         #: still dropped, but without a warning and without counting them in ``skipped_samples``
         self.sync_free = False
+        #: the attached optimizers' gradient buffers (``DPOptimizer.attach``): clipped sums go into their views
+        self.grad_buffers: list = []
         self._names: Dict[int, str] = {}  # id(submodule) -> its name in the model, for error messages
         self._plain_autograd = False  # see _reject_direct_gradient
         force_functorch = force_functorch or self.mode == "functorch"
@@ -308,11 +306,53 @@ class GradSampleModule(nn.Module):
         return self._module
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (``p.grad``: None, or zeros with ``set_to_none=False``), ``p.grad_sample`` and
+        the engine's per-backward state. Parameters whose gradients live in an optimizer's buffer have their
+        part of it zeroed (kept, never freed), except inside a logical batch (BatchMemoryManager), whose
+        partial sum the optimizer keeps."""
+        self._zero_grad(set_to_none, buffers=True)
+
+    def _zero_grad(self, set_to_none: bool, *, buffers: bool) -> None:
+        """``zero_grad``; ``buffers=False``: the optimizer zeroes its buffers itself (DPOptimizer.zero_grad)."""
         super().zero_grad(set_to_none=set_to_none)
         for p in self.parameters():
             p.grad_sample = None
+        if buffers:
+            for buffer in self.grad_buffers:
+                if not buffer.allocated:
+                    continue
+                if buffer.logical_batch_open:
+                    if buffer.pending:
+                        raise ValueError(
+                            "zero_grad() between a backward and its (virtual) optimizer step inside a logical batch "
+                            "(BatchMemoryManager): that backward's clipped sums are already in the logical batch's "
+                            "sum and cannot be taken out; call optimizer.step() after every backward"
+                        )
+                    continue
+                for p in self.parameters():
+                    if p in buffer:
+                        buffer.accumulator(p).zero_()
         self._retained_steps = None
         self.backward_passes = 0
+
+    def _grad_target(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor ``param``'s clipped sums are added into, in place: its view of an attached optimizer's
+        gradient buffer (``p.grad`` then is that view, when of the parameter's dtype), else ``p.grad``
+        (zeros when None). Several backward passes add up, as autograd's gradients do."""
+        for buffer in self.grad_buffers:
+            view = buffer.accumulator(param)
+            if view is None:
+                continue
+            buffer.pending = True
+            grad = param.grad
+            if grad is not None and grad is not view and not buffer.owns(grad):
+                view.add_(grad.detach())  # a gradient set by hand adds up, as it did in p.grad
+            if param.dtype == view.dtype:
+                param.grad = view
+            return view
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        return param.grad
 
     # -- Opacus API: hooks and per-sample attributes ------------------------------------------
     def remove_hooks(self) -> None:
@@ -401,6 +441,8 @@ class GradSampleModule(nn.Module):
                 "cannot attribute to a forward's samples; please report this (use_reentrant=True checkpointing works)"
             )
         call.grad_output = grad_output.detach()
+        self._batch_first(call)
+        call.rows, call.device = call.grad_output.shape[0], call.grad_output.device
         if self._early is not None and any(id(p) in self._early.params for p in call.params.values()):
             raise RuntimeError(
                 f"{type(call.module).__name__} was used again after its per-layer clipped gradient was formed in "
@@ -409,6 +451,8 @@ class GradSampleModule(nn.Module):
         if self._clips_in_backward(call):
             self._clip_in_backward(call)
         else:
+            if self._used_once(call):
+                self._reduce_in_backward(call)
             self._calls.append(call)
         if not self._finish_queued:
             self._finish_queued = True
@@ -438,19 +482,39 @@ class GradSampleModule(nn.Module):
             self._capturing = True
         self.backward_passes += 1
 
-    # -- per-layer clipping inside the backward ------------------------------------------------
+    # -- work done inside the backward -----------------------------------------------------------
+    def _used_once(self, call: ModuleCall) -> bool:
+        """Whether each of the call's parameters is used by this call alone in this backward (counted in the
+        forward): then its norms need no other call's factors (no cross terms). Internally captured layers
+        (several calls per forward call, not counted per parameter) wait for the end."""
+        return not call.rule.captures_internally and all(self._forward_uses[id(p)] == 1 for p in call.params.values())
+
+    def _reduce_in_backward(self, call: ModuleCall) -> None:
+        """What the end of the backward needs of a call used once, computed now: its rule's norm bounds and
+        clipped-sum slack (the same ``norm_bounds`` the end would call; the call keeps its inputs and output
+        gradient for the clipped sum), or its per-sample gradients (hooks/functorch modes, or where the rule
+        prefers them; its inputs and output gradient are then dropped)."""
+        self._capturing = False  # the functorch fallback runs forwards of its own
+        try:
+            rule = call.rule
+            if self.mode != "bk" or rule.prefers_grad_sample(call.module, call.inputs, call.grad_output):
+                call.grad_samples = rule.grad_sample(call.module, call.inputs, call.grad_output)
+                call.inputs = call.grad_output = None
+            else:
+                call.norm_parts = rule.norm_bounds(call.module, call.inputs, call.grad_output)
+        finally:
+            self._capturing = True
+
     def _clips_in_backward(self, call: ModuleCall) -> bool:
         """Per-layer clipping needs only this call's own norms when each of its parameters is used once
         (counted in the forward); shared parameters, hooks mode and other policies wait for the end.
-        FSDP's per-layer policy (a subclass) and internally captured layers (several calls per forward
-        call, not counted per parameter) wait too."""
-        if self.mode != "bk" or type(self.clipping) is not PerLayerClipping or call.rule.captures_internally:
+        FSDP's per-layer policy (a subclass) and internally captured layers wait too."""
+        if self.mode != "bk" or type(self.clipping) is not PerLayerClipping:
             return False
-        return all(self._forward_uses[id(p)] == 1 for p in call.params.values())
+        return self._used_once(call)
 
     def _clip_in_backward(self, call: ModuleCall) -> None:
         """Norms, per-layer factors and the clipped sum of one call, now; its activations are then freed."""
-        self._batch_first(call)
         self._capturing = False  # the functorch fallback runs forwards of its own
         try:
             step = _BackwardStep(
@@ -465,14 +529,15 @@ class GradSampleModule(nn.Module):
             # A sample with a non-finite norm here is left out of this call's clipped sums (each parameter
             # clips alone, so the others still bound it); the end of the backward counts it once.
             bad = ~torch.isfinite(norm_sq)
+            drop = None
             if self._loss_scale() is not None:
                 if early.overflow or bad.any():
                     early.overflow = True  # the scaler must see inf (see _accumulate); the step is skipped
-                    step.mark_overflow()
+                    step.mark_overflow(self._grad_target)
                     return
             elif self.sync_free or _capturing_cuda_graph(bad) or bad.any():
-                step.drop_samples(bad)
-            step.accumulate_clipped(self.clipping.factors_by_param(step.norm_sq, step.norms()))
+                drop = bad
+            step.accumulate_clipped(self.clipping.factors_by_param(step.norm_sq, step.norms()), self._grad_target, drop)
         finally:
             self._capturing = True
             call.inputs = call.grad_output = None  # the activations go now, not at the end of the backward
@@ -483,12 +548,11 @@ class GradSampleModule(nn.Module):
                 x.movedim(1, 0) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x for x in call.inputs
             )
             call.grad_output = call.grad_output.movedim(1, 0)
+            call.batch_first = True
 
     def _process(self, calls: List[ModuleCall], early: Optional["_EarlyClipping"] = None) -> None:
         """The end of a backward: every call not clipped inside it (``early``: what those left), one
         ``_BackwardStep`` per forward; the per-sample norms are those of every forward's samples in turn."""
-        for call in calls:
-            self._batch_first(call)
         mean = self.loss_reduction == "mean"
         by_forward: Dict[_Forward, List[ModuleCall]] = {}
         for call in calls:
@@ -526,7 +590,7 @@ class GradSampleModule(nn.Module):
         params = {key: param for step in steps for key, (param, _) in step.materialised.items()}
         for key, param in params.items():
             parts = [
-                step.materialised[key][1] if key in step.materialised
+                step.materialised[key][1] * step.scale if key in step.materialised
                 else torch.zeros((step.batch_size, *param.shape), dtype=param.dtype, device=param.device)
                 for step in steps
             ]
@@ -558,13 +622,13 @@ class GradSampleModule(nn.Module):
             # fp16 overflow under a GradScaler: the scaler must see it (inf grads) to skip the step and
             # lower its scale; the optimizer step, and so the accountant, then never runs.
             for step in steps:
-                step.mark_overflow()
+                step.mark_overflow(self._grad_target)
             return
         drop = self.sync_free or _capturing_cuda_graph(bad) or self._count_skipped(bad)
         for step, step_factors in zip(steps, factors):
-            if drop:  # branch-free when sync-free: zeroes nothing when every norm is finite
-                step.drop_samples(bad[step.first_row : step.first_row + step.batch_size])
-            step.accumulate_clipped(step_factors)
+            # branch-free when sync-free: zeroes nothing when every norm is finite
+            rows = bad[step.first_row : step.first_row + step.batch_size] if drop else None
+            step.accumulate_clipped(step_factors, self._grad_target, rows)
 
     def _count_skipped(self, bad: torch.Tensor) -> bool:
         """Count and report the samples with a non-finite norm (a host sync, skipped when sync-free)."""
@@ -613,7 +677,7 @@ class _BackwardStep:
     """
 
     def __init__(self, calls: List[ModuleCall], *, materialise_all: bool, mean: bool, loss_scale=None):
-        batch_sizes = {call.grad_output.shape[0] for call in calls}
+        batch_sizes = {call.rows for call in calls}
         _check_batch_sizes(batch_sizes)
         self.batch_size = batch_sizes.pop()
         self.forward = calls[0].forward
@@ -622,17 +686,22 @@ class _BackwardStep:
         self.scale = float(self.batch_size) if mean else 1.0
         # A GradScaler's S multiplies every output gradient: norms are divided by it, clipped sums keep it.
         self.loss_scale = loss_scale
-        self.device = calls[0].grad_output.device
+        self.device = calls[0].device
         self.rule_calls: List[ModuleCall] = []
-        self.materialised: Dict[int, tuple] = {}  # id(p) -> (p, per-sample grads summed over its calls)
+        # id(p) -> (p, per-sample grads summed over its calls), of the loss as computed (without ``scale``,
+        # which multiplies their norms and clip factors instead: no scaled copy)
+        self.materialised: Dict[int, tuple] = {}
         materialised_calls, cross_factors = _split_calls(calls, materialise_all)
         for call in calls:
             if id(call) not in materialised_calls:
                 self.rule_calls.append(call)
                 continue
-            for name, grads in call.rule.grad_sample(call.module, call.inputs, call.grad_output).items():
+            grad_samples = call.grad_samples  # formed in the backward already (_reduce_in_backward)
+            if grad_samples is None:
+                grad_samples = call.rule.grad_sample(call.module, call.inputs, call.grad_output)
+            call.grad_samples = call.inputs = call.grad_output = None  # the per-sample gradients replace them
+            for name, grads in grad_samples.items():
                 param = call.params[name]
-                grads = grads * self.scale
                 if id(param) in self.materialised:
                     grads = self.materialised[id(param)][1] + grads
                 self.materialised[id(param)] = (param, grads)
@@ -654,7 +723,8 @@ class _BackwardStep:
         outer factors of each use), raised by the clipped sums' rounding slack (``‖G_i‖ + s_i``)."""
         norm_sq, slack = {}, {}
         for call in self.rule_calls:
-            call_norm_sq, call_slack = call.rule.norm_bounds(call.module, call.inputs, call.grad_output)
+            call_norm_sq, call_slack = call.norm_parts or call.rule.norm_bounds(call.module, call.inputs, call.grad_output)
+            call.norm_parts = None
             for name, value in call_norm_sq.items():
                 key = id(call.params[name])
                 value = value.double() * self.scale**2
@@ -669,36 +739,38 @@ class _BackwardStep:
             )
             norm_sq[key] = (norm_sq[key] + 2 * self.scale**2 * cross.double()).clamp(min=0)  # NaN stays NaN
         for key, (_, grads) in self.materialised.items():
-            norm_sq[key] = rounding.norm_sq_upper(grads).double()
+            norm_sq[key] = rounding.norm_sq_upper(grads) * self.scale**2
         for key, value in slack.items():  # clip what is computed: ‖G_i‖ + its rounding bound
             norm_sq[key] = (norm_sq[key].sqrt() + value).square()
         if self.loss_scale is not None:
             norm_sq = {key: value / self.loss_scale.double().square() for key, value in norm_sq.items()}
         return norm_sq
 
-    def mark_overflow(self) -> None:
-        """Leave inf in every parameter's gradient, so GradScaler.step skips the step."""
+    def mark_overflow(self, target_of) -> None:
+        """Leave inf in every parameter's gradient (``target_of(p)``), so GradScaler.step skips the step."""
         params = [p for call in self.rule_calls for p in call.params.values()]
         params += [p for p, _ in self.materialised.values()]
         for param in {id(p): p for p in params}.values():
-            param.grad = torch.full_like(param, float("inf"))
+            target_of(param).fill_(float("inf"))
 
-    def drop_samples(self, rows: torch.Tensor) -> None:
-        """Zero the given samples everywhere (c = 0 alone is not enough: 0 * inf is NaN)."""
+    def accumulate_clipped(self, factors: Dict[int, torch.Tensor], target_of, drop_rows=None) -> None:
+        """Add each parameter's ``sum_i c_{i,p} g_{i,p}`` (factors keyed by id(p)) into ``target_of(p)`` in place,
+        call by call, freeing each call's activations (or per-sample gradients) once its sum is formed.
+        ``drop_rows``: samples to zero everywhere first (c = 0 alone is not enough: 0 * inf is NaN)."""
         for call in self.rule_calls:
-            call.grad_output = _zero_rows(call.grad_output, rows)
-            call.inputs = tuple(_zero_rows(x, rows) for x in call.inputs)
-        self.materialised = {k: (p, _zero_rows(g, rows)) for k, (p, g) in self.materialised.items()}
-
-    def accumulate_clipped(self, factors: Dict[int, torch.Tensor]) -> None:
-        """Add each parameter's ``sum_i c_{i,p} g_{i,p}`` to ``p.grad`` (factors keyed by id(p))."""
-        for call in self.rule_calls:
+            if drop_rows is not None:
+                call.grad_output = _zero_rows(call.grad_output, drop_rows)
+                call.inputs = tuple(_zero_rows(x, drop_rows) for x in call.inputs)
             call_factors = {name: factors[id(p)] * self.scale for name, p in call.params.items()}
-            clipped = call.rule.clipped_grad(call.module, call.inputs, call.grad_output, call_factors)
-            for name, grad in clipped.items():
-                _add_to_grad(call.params[name], grad)
-        for key, (param, grads) in self.materialised.items():
-            _add_to_grad(param, clipped_sum_of_grad_samples(factors[key], grads))
+            targets = {name: target_of(p) for name, p in call.params.items()}
+            call.rule.add_clipped_grad(call.module, call.inputs, call.grad_output, call_factors, targets)
+            call.inputs = call.grad_output = None
+        for key in list(self.materialised):
+            param, grads = self.materialised.pop(key)
+            if drop_rows is not None:
+                grads = _zero_rows(grads, drop_rows)
+            add_clipped_sum_of_grad_samples(target_of(param), factors[key] * self.scale, grads)
+            del grads
 
 
 def _split_calls(calls: List[ModuleCall], materialise_all: bool):
@@ -726,8 +798,9 @@ def _split_calls(calls: List[ModuleCall], materialise_all: bool):
         keys = [id(p) for p in call.params.values()]
         if any(key in shared and key not in crossed for key in keys):
             materialised.add(id(call))
-        elif not any(key in shared for key in keys) and call.rule.prefers_grad_sample(
-            call.module, call.inputs, call.grad_output
+        elif not any(key in shared for key in keys) and (
+            call.grad_samples is not None  # reduced in the backward: as it was decided there
+            or call.norm_parts is None and call.rule.prefers_grad_sample(call.module, call.inputs, call.grad_output)
         ):
             materialised.add(id(call))
     changed = True

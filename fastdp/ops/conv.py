@@ -17,7 +17,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import op, rounding
 from .linear import batch_chunks, linear_weight_norm_sq
@@ -83,21 +82,20 @@ def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int
 
 @op("conv_weight_grad_sample")
 def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """Per-sample weight gradients [B, C_out, C_in/groups, *kernel_size], with no unfold.
+    """Per-sample weight gradients [B, C_out, C_in/groups, *kernel_size], with no unfold and no copy of x.
 
-    grad_b[o, c, k] = sum_l g[b, o, l] · x[b, c, l·stride + k·dilation] is itself a convolution:
-    of x with the output gradient as the kernel, each (sample, group) its own group, with the
-    roles of stride and dilation swapped. oneDNN/cuDNN run it without the [B, L, C·k] patches.
+    The samples side by side as groups: x [B, C_in, *S] viewed as one sample [1, B·C_in, *S], g as
+    [1, B·C_out, *L], the layer as a convolution with B·groups groups: its weight gradient
+    [B·C_out, C_in/groups, *k] is each (sample, group)'s own, one oneDNN/cuDNN weight-gradient call.
     """
     batch, in_channels = x.shape[:2]
-    out_channels, ndim = g.shape[1], len(kernel_size)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
-    in_per_group = in_channels // groups
+    out_channels = g.shape[1]
     if batch == 0:
-        return g.new_zeros(0, out_channels, in_per_group, *kernel_size)
-    # input: [C_in/G, B·G, *S] (the channel within a group plays the batch), kernel: [B·C_out, 1, *L]
-    inputs = x.reshape(batch * groups, in_per_group, *x.shape[2:]).transpose(0, 1)
-    kernels = g.reshape(batch * out_channels, 1, *g.shape[2:])
-    out = conv(inputs, kernels, stride=tuple(dilation), dilation=tuple(stride), groups=batch * groups)
-    out = out[(Ellipsis, *(slice(0, size) for size in kernel_size))]  # inputs past the last window
-    return out.reshape(in_per_group, batch, out_channels, *kernel_size).movedim(0, 2)
+        return g.new_zeros(0, out_channels, in_channels // groups, *kernel_size)
+    zeros = [0] * len(kernel_size)
+    weight = g.new_empty(1).expand(batch * out_channels, in_channels // groups, *kernel_size)  # shape only
+    grads = torch.ops.aten.convolution_backward(
+        g.reshape(1, batch * out_channels, *g.shape[2:]), x.reshape(1, batch * in_channels, *x.shape[2:]), weight,
+        None, list(stride), zeros, list(dilation), False, zeros, batch * groups, (False, True, False),
+    )[1]
+    return grads.view(batch, out_channels, in_channels // groups, *kernel_size)

@@ -96,7 +96,7 @@ def embedding_norm_sq(
     """An upper bound of each sample's squared weight-gradient norm, float64 ``[batch_size]``
     (``embedding_norm_sq_upper``: cancelling tokens of one row cannot hide in rounding)."""
     row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
-    row_norm_sq = row_grads.double().pow(2).sum(1)  # empty segments: 0
+    row_norm_sq = rounding.row_sq_sums_float64(row_grads)  # empty segments: 0
     if padding_idx >= 0:
         row_norm_sq.masked_fill_(segment_keys % num_embeddings == padding_idx, 0)
     value = torch.zeros(batch_size, dtype=torch.float64, device=token_grads.device)
@@ -125,6 +125,26 @@ def embedding_clipped_grad(
     if padding_idx >= 0:
         grad[padding_idx] = 0
     return grad
+
+
+def add_embedding_clipped_grad(
+    out: torch.Tensor,
+    ids: torch.Tensor,
+    sample_of_token: torch.Tensor,
+    token_grads: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+) -> None:
+    """``out += embedding_clipped_grad(...)`` in place (``out`` [num_embeddings, dim] in the row sums' dtype),
+    with no dense temporary: the same per-sample row sums, scaled, scattered into ``out``; the padding row
+    gets nothing from this call (``out`` may hold another use's gradient of a tied weight there)."""
+    row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
+    row_grads *= clip_factors.to(row_grads.dtype)[segment_keys // num_embeddings].unsqueeze(1)
+    rows = segment_keys % num_embeddings
+    if padding_idx >= 0:
+        row_grads.masked_fill_((rows == padding_idx).unsqueeze(1), 0)
+    out.index_add_(0, rows, row_grads)
 
 
 @op("embedding_grad_sample")

@@ -16,8 +16,8 @@ import torch
 from . import op, rounding
 
 #: scratch elements one chunk of a torch reference may allocate; bounds the memory of
-#: per-sample Gram matrices, per-sample gradients and conv patches to ~64 MiB (fp32).
-CHUNK_NUMEL = 1 << 24
+#: per-sample Gram matrices, per-sample gradients and conv patches to ~16 MiB (fp32).
+CHUNK_NUMEL = 1 << 22
 
 
 def batch_chunks(batch: int, numel_per_sample: int):
@@ -82,7 +82,7 @@ def linear_norm_sq_direct(a: torch.Tensor, g: torch.Tensor, mass=None) -> torch.
     with rounding.ieee_fp32():
         for rows in batch_chunks(B, T * (d + p) + 5 * p * d):
             per_sample = rounding.chunked_bmm(g[rows].mT, a[rows], dtype)
-            value[rows] = per_sample.double().square().sum((1, 2))
+            value[rows] = rounding.row_sq_sums_float64(per_sample.flatten(1))
     return rounding.direct_norm_sq_upper(
         value, rounding.term_mass(a, g) if mass is None else mass, rounding.chunked_dot_error(T, dtype),
         rounding.gamma(p * d, rounding.UNIT_ROUNDOFF[torch.float64]),
@@ -117,6 +117,21 @@ def linear_clipped_grad(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> to
     """sum_i c_i g_iᵀ a_i = (c ⊙ g)ᵀ a as one GEMM over the B·T rows: [p, d]."""
     scaled = g * c.to(g.dtype)[:, None, None]
     return scaled.flatten(0, 1).T @ a.flatten(0, 1)
+
+
+def add_linear_clipped_grad(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, transposed: bool = False) -> None:
+    """``out += sum_i c_i g_iᵀ a_i`` in place (``out`` [p, d], or [d, p] with ``transposed``; the dtype of a
+    and g): ``linear_clipped_grad``'s GEMM, the same products c_i·g_t ⊗ a_t, accumulating into ``out`` with
+    no gradient-sized temporary. A chunk of whole samples at a time, so that the scaled copy of g stays
+    under CHUNK_NUMEL; each sample's rows are reduced inside one GEMM (the model of ``fastdp.ops.rounding``)."""
+    B, T, p = g.shape
+    for rows in batch_chunks(B, T * p):
+        x = (g[rows] * c[rows].to(g.dtype)[:, None, None]).flatten(0, 1)
+        y = a[rows].flatten(0, 1)
+        if transposed:
+            out.addmm_(y.T, x)
+        else:
+            out.addmm_(x.T, y)
 
 
 @op("linear_bias_clipped_grad")

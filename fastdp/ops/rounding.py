@@ -135,19 +135,32 @@ def bias_term_mass(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g, dim=2, dtype=dtype).sum(1, dtype=torch.float64).mul_(error)
 
 
-#: elements converted to float64 at a time by the row norms below (2 MiB): no float64 copy of a whole tensor
-FLOAT64_CHUNK_NUMEL = 1 << 18
+#: elements converted to float64 at a time by the row norms below (512 KiB): no float64 copy of a whole tensor
+FLOAT64_CHUNK_NUMEL = 1 << 16
 
 
-def _float64_row_norms(flat: torch.Tensor) -> torch.Tensor:
-    """The row norms of ``flat [B, n]`` summed in float64, a chunk of rows at a time: float64 [B]."""
-    step = max(1, FLOAT64_CHUNK_NUMEL // max(1, flat.shape[1]))
-    if step >= flat.shape[0]:
-        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+def _float64_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """The norms of the rows ``x[i]`` (any layout: no reshape copy) summed in float64, a chunk of rows at a
+    time: float64 [B]."""
+    if x.dim() == 1:  # one number per sample (a scalar parameter)
+        return x.abs().double()
+    dims = tuple(range(1, x.dim()))
+    step = max(1, FLOAT64_CHUNK_NUMEL // max(1, math.prod(x.shape[1:])))
+    if step >= x.shape[0]:
+        return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64)
     return torch.cat([
-        torch.linalg.vector_norm(flat[start : start + step], dim=1, dtype=torch.float64)
-        for start in range(0, flat.shape[0], step)
+        torch.linalg.vector_norm(x[start : start + step], dim=dims, dtype=torch.float64)
+        for start in range(0, x.shape[0], step)
     ])
+
+
+def row_sq_sums_float64(x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j x_ij²`` of the rows of ``x [B, n]``, squares and sums in float64 (a chunk of rows converted at a
+    time): float64 [B]."""
+    step = max(1, FLOAT64_CHUNK_NUMEL // max(1, x.shape[1]))
+    if step >= x.shape[0]:
+        return x.double().pow_(2).sum(1)
+    return torch.cat([x[start : start + step].double().pow_(2).sum(1) for start in range(0, x.shape[0], step)])
 
 
 def row_norms_float64(x: torch.Tensor) -> torch.Tensor:
@@ -190,9 +203,8 @@ def cross_inner_upper(value: torch.Tensor, mass_1: torch.Tensor, mass_2: torch.T
 def norm_sq_upper(x: torch.Tensor) -> torch.Tensor:
     """Upper bounds of ``‖x_i‖²`` for a materialised ``x [B, ...]``, float64 [B]: squares summed in float64
     (a chunk of samples at a time, so no float64 copy of the whole tensor)."""
-    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    out = _float64_row_norms(flat).square_()
-    return out.mul_((1 + gamma(flat.shape[1] + 3, UNIT_ROUNDOFF[torch.float64])) * BOUND_ARITHMETIC)
+    out = _float64_row_norms(x).square_()
+    return out.mul_((1 + gamma(math.prod(x.shape[1:]) + 3, UNIT_ROUNDOFF[torch.float64])) * BOUND_ARITHMETIC)
 
 
 # -- slack of the clipped sums -------------------------------------------------------------------

@@ -11,10 +11,12 @@ Why on one rank rather than N(0, σ²C²/W) on every rank: the variance is exact
 independent), and with a seeded generator the step equals the single-process step. The cost is
 one draw of d Gaussians on rank 0 — what a single process draws anyway.
 
-- ``DistributedDPOptimizer`` (DDP/DPDDP): the flat fp32 buffer of all gradients (already one
-  buffer in ``DPOptimizer``) is all-reduced once per real step: one bucket, one collective.
-- ``FSDPDPOptimizer`` (FSDP2): the full clipped sums are laid out rank by rank and
-  reduce-scattered once; each rank keeps its shard as the sharded parameter's gradient.
+- ``DistributedDPOptimizer`` (DDP/DPDDP): the gradient buffer (``GradBuffer``, where the engine
+  left the clipped sums and the noise went in place) is all-reduced in place once per real step: one
+  bucket, one collective.
+- ``FSDPDPOptimizer`` (FSDP2): the full clipped sums are laid out rank by rank in a buffer allocated
+  once and reduce-scattered once into a shard buffer allocated once; each rank keeps its shard (a
+  view) as the sharded parameter's gradient.
 
 Flat clipping cannot overlap this collective with the backward: every clip factor depends on
 all layers' norms, known only when the backward ends. Virtual steps (BatchMemoryManager) do not
@@ -30,7 +32,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ..engine.clipping import PerLayerClipping
-from ..ops.noise import add_noise_and_scale
+from ..ops.noise import NOISE_CHUNK_NUMEL, add_noise_and_scale
 from ..utils.secure_random import normal
 from .dp_optimizer import AdaptiveClipping, DPOptimizer
 
@@ -71,6 +73,10 @@ class FSDPDPOptimizer(DistributedDPOptimizer):
     """
 
     auto_attach = False  # attach() needs FSDP's parameter layout: make_private calls it
+    #: the engine leaves the clipped sums on FSDP's unsharded parameters, not in a buffer of the sharded ones
+    uses_grad_buffer = False
+    _layout_buffer: Optional[torch.Tensor] = None  # [world, S]: the full clipped sums, rank by rank (allocated once)
+    _shard_buffer: Optional[torch.Tensor] = None  # [S]: this rank's part of the released sum (allocated once)
 
     def attach(self, module) -> None:
         from ..distributed.fsdp import ShardedPerLayerClipping, fsdp_params_by_id, sharded_layout
@@ -117,21 +123,29 @@ class FSDPDPOptimizer(DistributedDPOptimizer):
         layouts = [sharded_layout(p, world, self.rank) for p in params]
         widths = [rows * row_numel for rows, row_numel in layouts]
         device = params[0].to_local().device
-        buffer = torch.zeros(world, sum(widths), dtype=torch.float32, device=device)
+        if self._layout_buffer is None or self._layout_buffer.shape != (world, sum(widths)):
+            self._layout_buffer = torch.zeros(world, sum(widths), dtype=torch.float32, device=device)
+            self._shard_buffer = torch.empty(sum(widths), dtype=torch.float32, device=device)
+        buffer = self._layout_buffer
+        buffer.zero_()
         offset = 0
-        for p, (rows, _), width in zip(params, layouts, widths):
+        for p, (rows, row_numel), width in zip(params, layouts, widths):
             full = take_unsharded_grad(self._fsdp_params[id(p)])
-            if full is not None:
-                full = full.detach().reshape(p.shape[0], -1).to(device=device, dtype=torch.float32)
-                padded = torch.nn.functional.pad(full, (0, 0, 0, rows * world - p.shape[0]))
-                buffer[:, offset : offset + width] = padded.view(world, width)
+            if full is not None:  # rank r's rows of p go to row r of the buffer (the padding stays zero)
+                full = full.detach().reshape(p.shape[0], -1)
+                for r in range(world):
+                    part = full[r * rows : (r + 1) * rows]
+                    if part.shape[0]:
+                        buffer[r, offset : offset + part.numel()].view_as(part).copy_(part)
+                del full
             offset += width
         flat = buffer.view(-1)
         if self.secure_mode and std != 0:
-            flat.add_(normal(flat.numel(), self.generator, device=device), alpha=std)
+            for chunk in flat.split(NOISE_CHUNK_NUMEL):
+                chunk.add_(normal(chunk.numel(), self.generator, device=device), alpha=std)
             std = 0.0
         add_noise_and_scale(flat, std, factor, self.generator)
-        shard = torch.empty(buffer.shape[1], dtype=torch.float32, device=device)
+        shard = self._shard_buffer
         reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in 2.13
         reduce_scatter(shard, flat, op=dist.ReduceOp.SUM, group=self.process_group)
         offset = 0

@@ -12,8 +12,12 @@
 4. ``scale_grad()``: ``p.grad /= expected_batch_size · accumulated_iterations`` (mean loss);
 5. the step hook (the accountant).
 
-When a subclass overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one fused pass over
-a flat fp32 buffer (one kernel on GPU); overriding either (e.g. Laplace noise) runs them separately.
+Gradients live in a ``GradBuffer`` (``grad_buffer.py``) allocated once: the engine adds clipped sums
+into each parameter's view of it, ``p.grad`` and ``p.summed_grad`` are views of it, and when a subclass
+overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one in-place pass over it (chunked on
+CPU, one fused kernel on GPU), so the step allocates nothing full-size. After that pass the buffer holds
+the released gradient, so ``p.summed_grad`` is None (``keep_summed_grad=True`` keeps it, in a second
+buffer). Overriding a stage (e.g. Laplace noise) runs the stages separately, as Opacus does.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from ..accountants.validation import check_noise_multiplier
 from ..engine.clipping import AutomaticClipping, FlatClipping, PerLayerClipping, check_max_grad_norm
 from ..engine.grad_sample_module import LIVE_MODULES, GradSampleModule, check_loss_reduction
 from ..engine.rules.base import clipped_sum_of_grad_samples
-from ..ops.noise import add_noise_and_scale
+from ..ops.noise import NOISE_CHUNK_NUMEL, add_noise_and_scale
 from ..utils.secure_random import SecureRandom, normal
+from .grad_buffer import GradBuffer
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic", "adaptive")
 
@@ -122,11 +127,16 @@ class DPOptimizer(Optimizer):
             ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``min_clipbound``,
             ``max_clipbound``, ``unclipped_num_std``; the gradient noise is raised so that the pair of
             noisy releases costs exactly ``noise_multiplier`` in the accountant).
+        keep_summed_grad: keep ``p.summed_grad`` (the clipped sum) after the step until ``zero_grad()``, as
+            Opacus does, at the cost of a second gradient-sized buffer; by default the noise goes into the
+            buffer in place and ``p.summed_grad`` is None after the step (its storage holds ``p.grad``).
         **clipping_kwargs: the keywords of the chosen clipping; any other is an error.
     """
 
     #: False: this class's ``attach`` needs more than the base wiring (FSDP), so only make_private attaches it
     auto_attach = True
+    #: False: the gradients do not live in this optimizer's ``GradBuffer`` (FSDP: the engine sees other tensors)
+    uses_grad_buffer = True
 
     def __init__(
         self,
@@ -139,6 +149,7 @@ class DPOptimizer(Optimizer):
         generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
         clipping: str = "flat",
+        keep_summed_grad: bool = False,
         **clipping_kwargs,
     ):
         loss_reduction = check_loss_reduction(loss_reduction)
@@ -168,6 +179,9 @@ class DPOptimizer(Optimizer):
         self._skip_next = False  # the next step() is a virtual one
         self._needs_zero_grad = False  # a step() ran and zero_grad() has not since
         self.grad_scaler = None  # a torch.amp.GradScaler (attach_grad_scaler)
+        self.keep_summed_grad = bool(keep_summed_grad)
+        #: where the gradients of ``params`` live (None for optimizers that keep them elsewhere: FSDP)
+        self.grad_buffer: Optional[GradBuffer] = GradBuffer(self.params) if self.uses_grad_buffer else None
         for p in self.params:
             p.summed_grad = None
         if self.auto_attach:
@@ -240,7 +254,15 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group) -> None:
+        buffer = self.grad_buffer
+        if buffer is not None and (buffer.pending or buffer.logical_batch_open):
+            raise ValueError("add_param_group between a backward and its optimizer step would drop its clipped "
+                             "sums; call it after optimizer.step() and zero_grad()")
         self.original_optimizer.add_param_group(param_group)
+        if buffer is not None:  # a new layout; the old buffer goes with its views
+            self.grad_buffer = GradBuffer(self.params)
+            for module in self.modules:
+                module.grad_buffers = [b for b in module.grad_buffers if b is not buffer] + [self.grad_buffer]
 
     def __repr__(self):
         return f"{type(self).__name__}({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm})"
@@ -315,6 +337,8 @@ class DPOptimizer(Optimizer):
             )
         module.clipping = self.clipping_policy
         module.grad_scaler = self.grad_scaler
+        if self.grad_buffer is not None and not any(b is self.grad_buffer for b in module.grad_buffers):
+            module.grad_buffers.append(self.grad_buffer)  # the engine adds clipped sums into its views
         self.modules.append(module)
         self._covered.update(id(p) for p in module.parameters())
         if getattr(module, "_retained_steps", None) is not None:  # a backward that waited for a policy
@@ -348,6 +372,13 @@ class DPOptimizer(Optimizer):
         skip is not noised.)"""
         if not isinstance(scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        narrow = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.float16, torch.bfloat16)})
+        if narrow:
+            raise ValueError(
+                f"grad_scaler with {', '.join(narrow)} parameters: their clipped sums are kept in float32 and reach "
+                "p.grad only at the step, after the scaler's unscale; keep float32 parameters under torch.autocast "
+                "(the usual fp16 recipe), or train bf16 without a scaler"
+            )
         self.grad_scaler = scaler
         for module in self.modules:
             module.grad_scaler = scaler
@@ -391,6 +422,8 @@ class DPOptimizer(Optimizer):
             return
         self._skipped_steps = 0
         self._skip_next = False
+        if self.grad_buffer is not None:
+            self.grad_buffer.zero()
         for p in self.params:
             p.summed_grad = None
             p.grad = None
@@ -420,29 +453,48 @@ class DPOptimizer(Optimizer):
         """ids of the parameters whose clipping the attached modules do inside the backward."""
         return self._covered
 
-    @staticmethod
-    def _add_to_summed(p: torch.Tensor, grad: torch.Tensor) -> None:
+    def _add_to_summed(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        if p.summed_grad is not None:
+            _check_processed_flag(p.summed_grad)
+        buffer = self.grad_buffer
+        if buffer is not None and p in buffer:
+            buffer.accumulator(p).add_(grad)
+            p.summed_grad = buffer.fresh_view(p)
+            return
+        grad = grad.to(p.dtype)
         if p.summed_grad is None:
             p.summed_grad = grad
         else:
-            _check_processed_flag(p.summed_grad)
             p.summed_grad = p.summed_grad + grad.to(p.summed_grad.dtype)
 
     def clip_and_accumulate(self) -> None:
         """This step's clipped per-sample-gradient sum, added to ``p.summed_grad`` (p.grad is cleared).
 
-        Parameters of an attached GradSampleModule were clipped inside the backward: their ``p.grad`` is
-        the sum, moved here without a copy. The others are clipped here from ``p.grad_sample`` with this
-        optimizer's policy (Opacus's optimizer-side clipping)."""
+        Parameters of an attached GradSampleModule were clipped inside the backward, into their view of
+        the gradient buffer, which already sums the physical batches of a logical one: ``p.summed_grad``
+        becomes that view (no copy). The others are clipped here from ``p.grad_sample`` with this
+        optimizer's policy (Opacus's optimizer-side clipping) and added to the buffer."""
         covered = self._covered_ids()
         params = self.params
         loose = [p for p in params if id(p) not in covered]
         if loose:
             self._clip_grad_samples(loose, mixed=len(loose) < len(params))
+        buffer = self.grad_buffer
         for p in params:
-            if p.grad is not None and id(p) in covered:
+            if id(p) not in covered:
+                continue
+            if buffer is not None and p in buffer:
+                if p.grad is not None and not buffer.owns(p.grad):  # set by hand: taken as a clipped sum, as before
+                    buffer.accumulator(p).add_(p.grad.detach())
+                if p.summed_grad is not None:
+                    _check_processed_flag(p.summed_grad)
+                p.summed_grad = buffer.fresh_view(p)
+                p.grad = None
+            elif p.grad is not None:
                 self._add_to_summed(p, p.grad.detach())
                 p.grad = None
+        if buffer is not None:
+            buffer.pending = False
 
     def _clip_grad_samples(self, params: List[torch.Tensor], *, mixed: bool) -> None:
         with_samples = []
@@ -475,7 +527,7 @@ class DPOptimizer(Optimizer):
             finite = torch.isfinite(norm_sq[id(p)]).to(g.device)  # 0 * inf is NaN: drop those rows outright
             g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros((), dtype=g.dtype, device=g.device))
             clipped = clipped_sum_of_grad_samples(factors[id(p)].to(g.device), g)
-            self._add_to_summed(p, clipped.to(p.dtype).view_as(p))
+            self._add_to_summed(p, clipped.view_as(p))
             _mark_as_processed(p.grad_sample)
 
     def _scale_factor(self) -> float:
@@ -484,10 +536,10 @@ class DPOptimizer(Optimizer):
         return 1.0 / (self.expected_batch_size * self.accumulated_iterations)
 
     def _noise_and_scale(self, *, noise: bool, scale: bool) -> None:
-        """With ``noise``: p.grad ← (p.summed_grad + N(0, σ²C²)) · (1 / divisor if ``scale``), in one pass
-        over one flat float32 buffer (one noise draw, one fused kernel on GPU; fp32 parameters then hold
-        views into it). A parameter no sample reached (or an empty batch) gets zeros: noise still goes in.
-        Without ``noise``: p.grad scaled in place."""
+        """With ``noise``: p.grad ← (p.summed_grad + N(0, σ²C²)) · (1 / divisor if ``scale``), in place over
+        the gradient buffer (one noise draw over all parameters; CPU: chunk by chunk, no full-size noise
+        tensor; GPU: one fused kernel); p.grad are then views of it. A parameter no sample reached (or an
+        empty batch) holds zeros: noise still goes in. Without ``noise``: p.grad scaled in place."""
         params = self.params
         if not params:
             return
@@ -498,21 +550,19 @@ class DPOptimizer(Optimizer):
                     p.grad.mul_(factor)
             return
         std = self.gradient_noise_multiplier * self.max_grad_norm if self._adds_noise() else 0.0
-        device = params[0].device
-        flat = torch.cat([
-            (p.summed_grad if p.summed_grad is not None else torch.zeros_like(p))
-            .reshape(-1).to(device=device, dtype=torch.float32)
-            for p in params
-        ])
-        if self.secure_mode and std != 0:
-            flat.add_(normal(flat.numel(), self.generator, device=device), alpha=std)
-            std = 0.0
-        add_noise_and_scale(flat, std, factor, self.generator)
-        self._sum_over_ranks(flat)
-        offset = 0
-        for p in params:  # (a second use of these sums is refused by the zero_grad check, not by marks)
-            p.grad = flat[offset : offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype)
-            offset += p.numel()
+        buffer = self.grad_buffer
+        for group, flat in buffer.flats(keep_sums=self.keep_summed_grad):
+            if self.secure_mode and std != 0:  # the OS CSPRNG, a chunk at a time
+                for chunk in flat.split(NOISE_CHUNK_NUMEL):
+                    chunk.add_(normal(chunk.numel(), self.generator, device=chunk.device, dtype=chunk.dtype), alpha=std)
+                add_noise_and_scale(flat, 0.0, factor, self.generator)
+            else:
+                add_noise_and_scale(flat, std, factor, self.generator)
+            self._sum_over_ranks(flat)
+            buffer.publish(group, flat)
+        if not self.keep_summed_grad:  # the buffer holds the released gradient now, not the clipped sum
+            for p in params:
+                p.summed_grad = None
 
     def _adds_noise(self) -> bool:
         """Whether this process draws the noise (DistributedDPOptimizer: one rank of all)."""
@@ -543,6 +593,8 @@ class DPOptimizer(Optimizer):
         self._needs_zero_grad = True
         if self._check_skip_next_step():
             self._skipped_steps += 1
+            if self.grad_buffer is not None:
+                self.grad_buffer.logical_batch_open = True
             self._consume_backward_passes()
             return False
         if self._stages_overridden():
@@ -555,6 +607,8 @@ class DPOptimizer(Optimizer):
         if isinstance(self.clipping_policy, AdaptiveClipping):
             self.clipping_policy.update(self.expected_batch_size, self.generator)
         self._skipped_steps = 0
+        if self.grad_buffer is not None:
+            self.grad_buffer.logical_batch_open = False
         self._consume_backward_passes()
         return True
 
@@ -573,13 +627,27 @@ class DPOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad``, ``p.grad_sample`` and the engine's per-backward state; and ``p.summed_grad``
-        too, except inside a logical batch (after a virtual step), whose partial sum must survive."""
+        too, except inside a logical batch (after a virtual step), whose partial sum must survive.
+
+        The gradient buffer is kept and zeroed (one memset), never freed: its views stay valid, and no
+        partial sum outlives the step it belongs to. ``set_to_none=True`` (the default) also sets
+        ``p.grad`` to None, as torch does; the next backward points it at the buffer again."""
         inside_logical_batch = self._skipped_steps > 0
+        buffer = self.grad_buffer
+        if buffer is not None:
+            if inside_logical_batch and buffer.pending:
+                raise ValueError(
+                    "zero_grad() between a backward and its (virtual) optimizer step inside a logical batch "
+                    "(BatchMemoryManager): that backward's clipped sums are already added to the logical batch's "
+                    "sum and cannot be taken out; call optimizer.step() after every backward"
+                )
+            if not inside_logical_batch:
+                buffer.zero()
         for p in self.params:
             p.grad_sample = None
             if not inside_logical_batch:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        for module in self.modules:
-            module.zero_grad(set_to_none=set_to_none)
+        for module in self.modules:  # the buffer is zeroed above (or kept, inside a logical batch)
+            module._zero_grad(set_to_none, buffers=buffer is None)
         self._needs_zero_grad = False

@@ -10,6 +10,8 @@ them into what one DP step needs without ever forming the non-private gradient:
   (``fastdp.ops.rounding``), so that a sample whose terms cancel cannot come out unclipped;
 - ``clipped_grad``: ``sum_i c_i * grad_i`` for each trainable parameter, with one
   factor vector ``c`` for all of them or one per parameter name (per-layer clipping);
+  ``add_clipped_grad`` adds the same sums into given tensors in place (the engine's: views of
+  the optimizer's gradient buffer), which rules override to skip a gradient-sized temporary;
 - ``grad_sample``: the materialised per-sample gradients ``[B, *p.shape]`` (hooks
   mode, tests, and the generic fallback for the two methods above);
 - ``outer_factors`` (optional): each parameter's per-sample gradient as a sum of outer
@@ -136,6 +138,17 @@ class LayerRule:
         grads = self.grad_sample(module, inputs, grad_output)
         return {n: clipped_sum_of_grad_samples(factors_for(clip_factors, n), g) for n, g in grads.items()}
 
+    def add_clipped_grad(
+        self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors,
+        out: Dict[str, torch.Tensor],
+    ) -> None:
+        """``out[name] += clipped_grad(...)[name]`` in place, for every trainable parameter (``out`` has one
+        tensor per trainable parameter, in its shape). The sums are ``clipped_grad``'s, whose rounding the
+        rule's ``rounding_slack`` bounds; an override that writes into ``out`` directly must sum the same
+        products, with each sample's terms reduced as ``fastdp.ops.rounding`` assumes."""
+        for name, grad in self.clipped_grad(module, inputs, grad_output, clip_factors).items():
+            out[name].add_(grad)
+
 
 class NormBoundsRule(LayerRule):
     """A rule whose norm bounds and clipped-sum slack come out of one computation (``norm_bounds``: both need
@@ -156,3 +169,15 @@ def clipped_sum_of_grad_samples(factors: torch.Tensor, grad_samples: torch.Tenso
     bf16/fp16, rounding c and each c·G_i could take a contribution above C."""
     dtype = torch.promote_types(grad_samples.dtype, torch.float32)
     return torch.einsum("b,b...->...", factors.to(dtype), grad_samples.to(dtype))
+
+
+def add_clipped_sum_of_grad_samples(out: torch.Tensor, factors: torch.Tensor, grad_samples: torch.Tensor) -> None:
+    """``out += sum_i c_i G_i`` in place: one matrix-vector product into ``out`` when it and the per-sample
+    gradients are both in their fp32 (or fp64) accumulation dtype, else ``clipped_sum_of_grad_samples``
+    (the same products c_i·G_i, summed over samples in another order) added to ``out``."""
+    dtype = torch.promote_types(grad_samples.dtype, torch.float32)
+    if out.dtype == dtype == grad_samples.dtype and out.is_contiguous() and grad_samples.is_contiguous():
+        flat = grad_samples.view(grad_samples.shape[0], out.numel())
+        out.view(-1).addmv_(flat.T, factors.to(dtype))
+    else:
+        out.add_(clipped_sum_of_grad_samples(factors, grad_samples))

@@ -54,11 +54,17 @@ class ConvRule(LayerRule):
         return module.kernel_size, module.stride, module.dilation, module.groups
 
     def prefers_grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> bool:
+        """Materialise where the linear cost model says so for the unfolded layer, and only where the per-sample
+        weight gradients are no larger than the sample's input and output gradient themselves (the unfolded
+        patches the model compares with are k^d times the input, and are never stored)."""
         positions = math.prod(grad_output.shape[2:])
         group_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         group_out = module.out_channels // module.groups
-        return linear_ops.materialising_is_cheaper(positions, group_in, group_out) and uses_torch_reference(
-            "conv_weight_norm_sq", inputs[0], grad_output
+        held = inputs[0][0].numel() + grad_output[0].numel() if grad_output.shape[0] else 0
+        return (
+            module.weight.numel() <= held
+            and linear_ops.materialising_is_cheaper(positions, group_in, group_out)
+            and uses_torch_reference("conv_weight_norm_sq", inputs[0], grad_output)
         )
 
     def norm_sq_per_param(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:

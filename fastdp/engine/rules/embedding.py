@@ -12,8 +12,10 @@ from typing import Dict, NamedTuple
 import torch
 from torch import nn
 
-from ...ops import rounding
-from ...ops.embedding import embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq, token_mass
+from ...ops import rounding, uses_torch_reference
+from ...ops.embedding import (
+    add_embedding_clipped_grad, embedding_clipped_grad, embedding_grad_sample, embedding_norm_sq, token_mass,
+)
 from . import register_rule
 from .base import ClipFactors, LayerRule, NormBoundsRule, OuterFactors, factors_for
 
@@ -83,6 +85,21 @@ class EmbeddingLookupRule(NormBoundsRule):
             ids, sample_of_token, token_grads, factors, module.num_embeddings, self._padding_idx(module)
         )
         return {"weight": grad.to(module.weight.dtype)}
+
+    def add_clipped_grad(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors,
+                         out: Dict[str, torch.Tensor]) -> None:
+        """Scattered into ``out`` itself (``add_embedding_clipped_grad``: no [V, dim] temporary) where it has the
+        row sums' dtype and the torch reference runs."""
+        target = out.get("weight")
+        if target is None:
+            return
+        ids, sample_of_token, token_grads, _ = self.tokens(module, inputs, grad_output)
+        factors = factors_for(clip_factors, "weight")
+        args = (ids, sample_of_token, token_grads, factors, module.num_embeddings, self._padding_idx(module))
+        if target.dtype == rounding.accumulation_dtype(token_grads) and uses_torch_reference("embedding_clipped_grad", *args):
+            add_embedding_clipped_grad(target, *args)
+        else:
+            target.add_(embedding_clipped_grad(*args))
 
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not self.trainable_params(module):

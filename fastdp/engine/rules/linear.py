@@ -77,6 +77,26 @@ class LinearRule(NormBoundsRule):
             grads["bias"] = bias_grad.to(module.bias.dtype)
         return grads
 
+    def add_clipped_grad(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors,
+                         out: Dict[str, torch.Tensor]) -> None:
+        """The weight's clipped sum is accumulated by the GEMM into ``out`` itself where it has the
+        activations' dtype and the torch GEMM runs (``linear_ops.add_linear_clipped_grad``)."""
+        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
+        self._add_weight_sum(out, a, g, clip_factors, transposed=False)
+        if "bias" in out:
+            out["bias"].add_(linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias")))
+
+    @staticmethod
+    def _add_weight_sum(out, a, g, clip_factors, *, transposed: bool) -> None:
+        target = out.get("weight")
+        if target is None:
+            return
+        factors = factors_for(clip_factors, "weight")
+        if target.dtype == a.dtype and uses_torch_reference("linear_clipped_grad", a, g):
+            linear_ops.add_linear_clipped_grad(target, a, g, factors, transposed=transposed)
+        else:
+            grad = linear_ops.linear_clipped_grad(a, g, factors)
+            target.add_(grad.T if transposed else grad)
 
     def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
         """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""
