@@ -115,7 +115,7 @@ class GraphedDPStep:
         return tree_unflatten(moved, spec)
 
     def _eager_step(self, batch):
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # the buffer stays where a captured graph expects it
         output = self.step_fn(batch)
         self.optimizer.step()
         return output
@@ -184,11 +184,13 @@ class GraphedDPStep:
                                  "pass noise_generator=None (the default CUDA generator; seed it with torch.manual_seed)")
             graph.register_generator_state(generator)
         hook, self.optimizer.step_hook = self.optimizer.step_hook, None
+        if self.optimizer.grad_buffer is not None:  # the graph writes into it: zero_grad() must not free it
+            self.optimizer.grad_buffer.pinned = True
         try:
             with torch.cuda.graph(graph):
-                # captured too: each replay starts by zeroing the gradient buffer (allocated by the eager step,
-                # so its address is static), which holds the previous step's released gradient
-                self.optimizer.zero_grad(set_to_none=True)
+                # captured too: each replay starts by zeroing the gradient buffer (allocated by the eager step
+                # and kept: set_to_none=False, so its address is static), which holds the previous released gradient
+                self.optimizer.zero_grad(set_to_none=False)
                 self._static_output = self.step_fn(static_batch)
                 self.optimizer.step()
         finally:

@@ -52,7 +52,7 @@ def test_the_step_allocates_no_gradient_sized_temporary():
     assert peak <= 2 * NOISE_CHUNK_NUMEL * 4, (peak, gradient_bytes)
 
 
-def test_gradients_are_views_of_one_buffer_allocated_once():
+def test_gradients_are_views_of_one_buffer_kept_with_set_to_none_false():
     model, (x, y) = _wide_model_and_batch()
     module, optimizer, _ = _private(model, (x, y))
     addresses = []
@@ -62,9 +62,24 @@ def test_gradients_are_views_of_one_buffer_allocated_once():
         storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
         assert len(storages) == 1  # every p.grad is a view of one flat tensor
         addresses.append(storages.pop())
+        optimizer.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert len(set(addresses)) == 1  # the same storage every step: allocated once, zeroed in place
+
+
+def test_zero_grad_with_set_to_none_releases_the_buffer():
+    """torch's default: gradients are released between steps (the next backward allocates the buffer again,
+    zeroed), so they do not sit beside the next forward's activations."""
+    model, (x, y) = _wide_model_and_batch()
+    module, optimizer, _ = _private(model, (x, y))
+    for _ in range(2):
+        F.cross_entropy(module(x), y).backward()
+        optimizer.step()
         optimizer.zero_grad()
         assert all(p.grad is None for p in model.parameters())
-    assert len(set(addresses)) == 1  # the same storage every step: allocated once, zeroed in place
+        assert all(group.flat is None for group in optimizer.grad_buffer.groups)
+    F.cross_entropy(module(x), y).backward()
+    assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}) == 1
 
 
 def test_zero_grad_clears_the_buffer_in_place():

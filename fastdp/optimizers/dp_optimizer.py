@@ -629,9 +629,10 @@ class DPOptimizer(Optimizer):
         """Clear ``p.grad``, ``p.grad_sample`` and the engine's per-backward state; and ``p.summed_grad``
         too, except inside a logical batch (after a virtual step), whose partial sum must survive.
 
-        The gradient buffer is kept and zeroed (one memset), never freed: its views stay valid, and no
-        partial sum outlives the step it belongs to. ``set_to_none=True`` (the default) also sets
-        ``p.grad`` to None, as torch does; the next backward points it at the buffer again."""
+        No partial sum outlives the step it belongs to. ``set_to_none=True`` (the default) sets ``p.grad``
+        to None and releases the gradient buffer, as torch releases gradients (the next backward allocates
+        it again, whole, with its first clipped sum); ``set_to_none=False`` keeps the buffer and its views,
+        zeroed (one memset): static addresses, gradients held between steps."""
         inside_logical_batch = self._skipped_steps > 0
         buffer = self.grad_buffer
         if buffer is not None:
@@ -642,7 +643,7 @@ class DPOptimizer(Optimizer):
                     "sum and cannot be taken out; call optimizer.step() after every backward"
                 )
             if not inside_logical_batch:
-                buffer.zero()
+                buffer.release() if set_to_none else buffer.zero()
         for p in self.params:
             p.grad_sample = None
             if not inside_logical_batch:

@@ -6,7 +6,9 @@ copy) and draw a full-size noise tensor beside it (~3× the gradients at the ste
 engine adds each layer's clipped sum into the parameter's view of the buffer, in place; the noise
 and the 1/E[B] scale are applied to the buffer in place, chunk by chunk (one fused kernel on GPU);
 a distributed optimizer reduces the buffer itself. The storage is never freed, so its addresses
-are static (CUDA graphs) and the allocator sees no full-size churn.
+are static (CUDA graphs) and the allocator sees no full-size churn, unless ``zero_grad()`` (torch's
+default ``set_to_none=True``) releases it, as torch releases gradients: it is then allocated again, whole,
+by the next backward's first clipped sum (``zero_grad(set_to_none=False)`` keeps it, zeroed).
 
 Layout and dtype: the optimizer's trainable parameters in order, one buffer per (device,
 accumulation dtype); float32 for float32/bfloat16/float16 parameters, float64 for float64. Clipped
@@ -75,6 +77,8 @@ class GradBuffer:
         self.logical_batch_open = False
         #: the buffer holds a released (noised, scaled) gradient, not clipped sums
         self.released = False
+        #: never release the storage (``make_graphed_dp_step``: a captured graph writes into it)
+        self.pinned = False
 
     def __contains__(self, p: torch.Tensor) -> bool:
         return id(p) in self._group_of
@@ -113,6 +117,20 @@ class GradBuffer:
         for group in self.groups:
             if group.flat is not None:
                 group.flat.zero_()
+        self.pending = self.logical_batch_open = self.released = False
+
+    def release(self) -> None:
+        """Start over by dropping the storage (``zero_grad(set_to_none=True)``, as torch frees gradients): the
+        next clipped sum allocates the buffer again, zeroed, so it does not sit beside the next forward's
+        activations. The caller sets every ``p.grad`` that viewed it to None. A ``pinned`` buffer (a CUDA
+        graph writes into it) is zeroed instead."""
+        if self.pinned:
+            self.zero()
+            return
+        for group in self.groups:
+            group.flat = group.released = None
+            group.cast.clear()
+        self._accumulators.clear()
         self.pending = self.logical_batch_open = self.released = False
 
     def flats(self, keep_sums: bool) -> List[Tuple[_Group, torch.Tensor]]:
