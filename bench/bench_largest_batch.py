@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from bench.report import _bytes, default_out_dir
+from bench.step import run_for_result
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "LARGEST_BATCH_RESULT "
@@ -315,18 +316,8 @@ def run_child(kind: str, method: str, batch: int, args, log_dir: Path) -> dict:
         env["FASTDP_BACKEND"] = BACKEND_OF_METHOD[method]
     log = log_dir / f"{method}-{kind}-{batch}.log"
     failed = {"method": method, "batch_size": batch, "kind": kind, "ok": False, "oom": False}
-    try:
-        process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired as expired:
-        output = [o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (expired.stdout, expired.stderr)]
-        log.write_text(shlex.join(command) + "\n" + "".join(output))
-        return dict(failed, error=f"timed out after {args.timeout:g} s (--timeout)")
-    log.write_text(shlex.join(command) + "\n" + process.stdout + process.stderr)
-    results = [line[len(RESULT_PREFIX):] for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if results:
-        return json.loads(results[-1])
-    last = (process.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(failed, error=f"process exited with code {process.returncode} before printing a result: {last[:200]}")
+    return run_for_result(command, env=env, cwd=REPO_ROOT, log=log, timeout=args.timeout, failed=failed,
+                          prefix=RESULT_PREFIX)
 
 
 def search_method(method: str, start: int, args, log_dir: Path) -> dict:

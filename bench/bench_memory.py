@@ -266,6 +266,7 @@ def largest_batch(model: str, method: str, version: str, root: Optional[str], ro
 def run_measure(measure: str, model: str, method: str, version: str, root: Optional[str], args, log_dir: Path,
                 batch: Optional[int] = None) -> dict:
     from bench.methods import BACKEND_OF_METHOD
+    from bench.step import run_for_result
 
     command = [sys.executable, "-m", "bench.bench_memory", "--worker", "--model", model, "--method", method,
                "--version", version, "--steps", str(args.steps), "--device", args.device, "--measure", measure]
@@ -280,18 +281,8 @@ def run_measure(measure: str, model: str, method: str, version: str, root: Optio
         env["FASTDP_BACKEND"] = BACKEND_OF_METHOD[method]
     failed = {"model": model, "method": method, "version": version, "ok": False}
     log = log_dir / f"{model}-{method}-{version}-{measure}{f'-b{batch}' if batch else ''}.log"
-    try:
-        process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired as expired:
-        output = [o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (expired.stdout, expired.stderr)]
-        log.write_text(shlex.join(command) + "\n" + "".join(output))
-        return dict(failed, error=f"timed out after {args.timeout:g} s (--timeout)")
-    log.write_text(shlex.join(command) + "\n" + process.stdout + process.stderr)
-    results = [line[len(RESULT_PREFIX):] for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if results:
-        return json.loads(results[-1])
-    last = (process.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(failed, error=f"process exited with code {process.returncode} before printing a result: {last[:200]}")
+    return run_for_result(command, env=env, cwd=REPO_ROOT, log=log, timeout=args.timeout, failed=failed,
+                          prefix=RESULT_PREFIX)
 
 
 def add_ratios(rows: List[dict]) -> None:

@@ -71,6 +71,26 @@ class PeakMemory:
         return max(0, peak - self.base_kib) * 1024
 
 
+def run_for_result(command: list, *, env: dict, cwd, log, timeout: float, failed: dict, prefix: str) -> dict:
+    """Run a benchmark child process and return the JSON it printed last after ``prefix``; ``failed`` plus an
+    ``error`` when it timed out or printed none. Its command line and output go to ``log`` (a Path)."""
+    import shlex
+    import subprocess
+
+    try:
+        process = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        output = [o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (expired.stdout, expired.stderr)]
+        log.write_text(shlex.join(command) + "\n" + "".join(output))
+        return dict(failed, error=f"timed out after {timeout:g} s (--timeout)")
+    log.write_text(shlex.join(command) + "\n" + process.stdout + process.stderr)
+    results = [line[len(prefix):] for line in process.stdout.splitlines() if line.startswith(prefix)]
+    if results:
+        return json.loads(results[-1])
+    last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(failed, error=f"process exited with code {process.returncode} before printing a result: {last[:200]}")
+
+
 def _error_text(error: BaseException) -> str:
     import torch
 

@@ -118,12 +118,8 @@ def embedding_clipped_grad(
     Each sample's tokens are summed per row first, so the sum over samples adds one term per
     sample and row: whatever order a device's scatter-add takes, one sample's cancelling tokens
     are never interleaved with other samples' (the clipped-sum slack of ``fastdp.ops.rounding``)."""
-    row_grads, segment_keys = sample_row_sums(ids, sample_of_token, token_grads, num_embeddings)
-    row_grads *= clip_factors.to(row_grads.dtype)[segment_keys // num_embeddings].unsqueeze(1)
-    grad = token_grads.new_zeros((num_embeddings, token_grads.shape[1]), dtype=row_grads.dtype)
-    grad.index_add_(0, segment_keys % num_embeddings, row_grads)
-    if padding_idx >= 0:
-        grad[padding_idx] = 0
+    grad = token_grads.new_zeros((num_embeddings, token_grads.shape[1]), dtype=rounding.accumulation_dtype(token_grads))
+    add_embedding_clipped_grad(grad, ids, sample_of_token, token_grads, clip_factors, num_embeddings, padding_idx)
     return grad
 
 
