@@ -12,7 +12,7 @@
 4. ``scale_grad()``: ``p.grad /= expected_batch_size · accumulated_iterations`` (mean loss);
 5. the step hook (the accountant).
 
-Gradients live in a ``GradBuffer`` (``grad_buffer.py``) allocated once: the engine adds clipped sums
+Gradients live in a ``GradBuffer`` (``grad_buffer.py``), allocated whole: the engine adds clipped sums
 into each parameter's view of it, ``p.grad`` and ``p.summed_grad`` are views of it, and when a subclass
 overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one in-place pass over it (chunked on
 CPU, one fused kernel on GPU), so the step allocates nothing full-size. After that pass the buffer holds

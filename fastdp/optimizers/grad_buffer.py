@@ -1,4 +1,4 @@
-"""The gradient buffer: a DP optimizer's gradients live in flat buffers allocated once.
+"""The gradient buffer: a DP optimizer's gradients live in flat buffers, each allocated whole.
 
 Why one flat buffer: the step adds one noise draw over every parameter and, across processes,
 sums one tensor; if the gradients lived apart, the step would first concatenate them (a full-size
