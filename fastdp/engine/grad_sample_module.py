@@ -321,13 +321,8 @@ class GradSampleModule(nn.Module):
             for buffer in self.grad_buffers:
                 if not buffer.allocated:
                     continue
+                buffer.check_clearable()
                 if buffer.logical_batch_open:
-                    if buffer.pending:
-                        raise ValueError(
-                            "zero_grad() between a backward and its (virtual) optimizer step inside a logical batch "
-                            "(BatchMemoryManager): that backward's clipped sums are already in the logical batch's "
-                            "sum and cannot be taken out; call optimizer.step() after every backward"
-                        )
                     continue
                 for p in self.parameters():
                     if p in buffer:
@@ -340,13 +335,10 @@ class GradSampleModule(nn.Module):
         gradient buffer (``p.grad`` then is that view, when of the parameter's dtype), else ``p.grad``
         (zeros when None). Several backward passes add up, as autograd's gradients do."""
         for buffer in self.grad_buffers:
-            view = buffer.accumulator(param)
-            if view is None:
+            if param not in buffer:
                 continue
             buffer.pending = True
-            grad = param.grad
-            if grad is not None and grad is not view and not buffer.owns(grad):
-                view.add_(grad.detach())  # a gradient set by hand adds up, as it did in p.grad
+            view = buffer.take_grad(param)  # a gradient set by hand adds up, as it did in p.grad
             if param.dtype == view.dtype:
                 param.grad = view
             return view

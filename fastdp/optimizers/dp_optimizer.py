@@ -484,8 +484,7 @@ class DPOptimizer(Optimizer):
             if id(p) not in covered:
                 continue
             if buffer is not None and p in buffer:
-                if p.grad is not None and not buffer.owns(p.grad):  # set by hand: taken as a clipped sum, as before
-                    buffer.accumulator(p).add_(p.grad.detach())
+                buffer.take_grad(p)  # a p.grad set by hand is taken as a clipped sum, as before
                 if p.summed_grad is not None:
                     _check_processed_flag(p.summed_grad)
                 p.summed_grad = buffer.fresh_view(p)
@@ -636,12 +635,7 @@ class DPOptimizer(Optimizer):
         inside_logical_batch = self._skipped_steps > 0
         buffer = self.grad_buffer
         if buffer is not None:
-            if inside_logical_batch and buffer.pending:
-                raise ValueError(
-                    "zero_grad() between a backward and its (virtual) optimizer step inside a logical batch "
-                    "(BatchMemoryManager): that backward's clipped sums are already added to the logical batch's "
-                    "sum and cannot be taken out; call optimizer.step() after every backward"
-                )
+            buffer.check_clearable()
             if not inside_logical_batch:
                 buffer.release() if set_to_none else buffer.zero()
         for p in self.params:

@@ -75,8 +75,6 @@ class GradBuffer:
         self.pending = False
         #: a virtual step (BatchMemoryManager) moved a partial sum of a logical batch into ``p.summed_grad``
         self.logical_batch_open = False
-        #: the buffer holds a released (noised, scaled) gradient, not clipped sums
-        self.released = False
         #: never release the storage (``make_graphed_dp_step``: a captured graph writes into it)
         self.pinned = False
 
@@ -96,6 +94,24 @@ class GradBuffer:
                 return None
             view = self._accumulators[id(p)] = group.view(group.allocate(), p)
         return view
+
+    def take_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s accumulator, with a ``p.grad`` set by hand (not a view of these buffers) added to it, as
+        autograd adds gradients up (``p`` must be covered)."""
+        view = self.accumulator(p)
+        grad = p.grad
+        if grad is not None and grad is not view and not self.owns(grad):
+            view.add_(grad.detach())
+        return view
+
+    def check_clearable(self) -> None:
+        """Refuse to clear a backward's clipped sums once they are added to an open logical batch's sum."""
+        if self.logical_batch_open and self.pending:
+            raise ValueError(
+                "zero_grad() between a backward and its (virtual) optimizer step inside a logical batch "
+                "(BatchMemoryManager): that backward's clipped sums are already added to the logical batch's "
+                "sum and cannot be taken out; call optimizer.step() after every backward"
+            )
 
     def fresh_view(self, p: torch.Tensor) -> torch.Tensor:
         """A new view object of ``p``'s accumulated sum (``p.summed_grad``: Opacus marks it as processed, an
@@ -117,7 +133,7 @@ class GradBuffer:
         for group in self.groups:
             if group.flat is not None:
                 group.flat.zero_()
-        self.pending = self.logical_batch_open = self.released = False
+        self.pending = self.logical_batch_open = False
 
     def release(self) -> None:
         """Start over by dropping the storage (``zero_grad(set_to_none=True)``, as torch frees gradients): the
@@ -131,7 +147,7 @@ class GradBuffer:
             group.flat = group.released = None
             group.cast.clear()
         self._accumulators.clear()
-        self.pending = self.logical_batch_open = self.released = False
+        self.pending = self.logical_batch_open = False
 
     def flats(self, keep_sums: bool) -> List[Tuple[_Group, torch.Tensor]]:
         """Each group with the flat tensor the noise pass works on: the accumulation buffer itself, or (with

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from . import register_rule_by_name
-from ...ops import linear as linear_ops
-from .base import ClipFactors, OuterFactors, factors_for
-from .linear import LinearRule, common_dtype
+from .base import ClipFactors, OuterFactors
+from .linear import LinearRule
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -30,18 +29,12 @@ class HFConv1DRule(LinearRule):
     """nn.Linear's rule with the weight gradient transposed to Conv1D's [in, out] layout."""
 
     module_types = ()
+    weight_transposed = True
 
     def clipped_grad(
         self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors
     ) -> Dict[str, torch.Tensor]:
         return _transposed_weight(super().clipped_grad(module, inputs, grad_output, clip_factors))
-
-    def add_clipped_grad(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors,
-                         out: Dict[str, torch.Tensor]) -> None:
-        a, g = common_dtype(*self._sequence_view(inputs, grad_output))
-        self._add_weight_sum(out, a, g, clip_factors, transposed=True)
-        if "bias" in out:
-            out["bias"].add_(linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias")))
 
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         return _transposed_weight(super().grad_sample(module, inputs, grad_output))

@@ -22,6 +22,8 @@ def common_dtype(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.
 
 class LinearRule(NormBoundsRule):
     module_types = (nn.Linear,)
+    #: the weight is stored [in, out] (HF Conv1D), the transpose of the gradient the GEMM forms
+    weight_transposed = False
 
     @staticmethod
     def _sequence_view(inputs: tuple, grad_output: torch.Tensor):
@@ -82,21 +84,16 @@ class LinearRule(NormBoundsRule):
         """The weight's clipped sum is accumulated by the GEMM into ``out`` itself where it has the
         activations' dtype and the torch GEMM runs (``linear_ops.add_linear_clipped_grad``)."""
         a, g = common_dtype(*self._sequence_view(inputs, grad_output))
-        self._add_weight_sum(out, a, g, clip_factors, transposed=False)
+        target = out.get("weight")
+        if target is not None:
+            factors = factors_for(clip_factors, "weight")
+            if target.dtype == a.dtype and uses_torch_reference("linear_clipped_grad", a, g):
+                linear_ops.add_linear_clipped_grad(target, a, g, factors, transposed=self.weight_transposed)
+            else:
+                grad = linear_ops.linear_clipped_grad(a, g, factors)
+                target.add_(grad.T if self.weight_transposed else grad)
         if "bias" in out:
             out["bias"].add_(linear_ops.linear_bias_clipped_grad(g, factors_for(clip_factors, "bias")))
-
-    @staticmethod
-    def _add_weight_sum(out, a, g, clip_factors, *, transposed: bool) -> None:
-        target = out.get("weight")
-        if target is None:
-            return
-        factors = factors_for(clip_factors, "weight")
-        if target.dtype == a.dtype and uses_torch_reference("linear_clipped_grad", a, g):
-            linear_ops.add_linear_clipped_grad(target, a, g, factors, transposed=transposed)
-        else:
-            grad = linear_ops.linear_clipped_grad(a, g, factors)
-            target.add_(grad.T if transposed else grad)
 
     def outer_factors(self, module: nn.Linear, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, OuterFactors]:
         """weight [p, d]: sum_t g_t ⊗ a_t; bias [p]: sum_t g_t ⊗ 1."""
