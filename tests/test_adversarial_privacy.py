@@ -126,6 +126,32 @@ def test_a_conv_sample_whose_terms_cancel_moves_the_step_by_at_most_c(ndim, clip
     assert leave_one_out(build, batch, 4, clipping=clipping) <= C * (1 + TOLERANCE)
 
 
+class PointwiseConvOverManyPositions(nn.Module):
+    """A 1-channel 1×1 convolution over 64 positions: its per-sample weight gradients (one number) are
+    smaller than its input and output gradient, so the engine materialises them (the grouped
+    weight-gradient call) and clips and sums those."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 1)
+
+    def forward(self, a):  # a: [B, T, 1]
+        return self.conv(a.mT).mT
+
+
+def test_a_materialised_conv_sample_whose_terms_cancel_moves_the_step_by_at_most_c():
+    from fastdp.engine.rules.conv import ConvRule
+
+    a, g = _honest(5, 64, 1, 1)
+    a[-1], g[-1] = 0, 0
+    a[-1, 0, 0], a[-1, 1, 0] = 1e4 * 10 * C, 1e4 * 10 * C + 10 * C  # terms of 1e5·C cancelling to 10·C
+    g[-1, 0, 0], g[-1, 1, 0] = 1.0, -1.0
+    conv = PointwiseConvOverManyPositions().conv
+    assert ConvRule().prefers_grad_sample(conv, (a.mT,), g.mT)  # the materialised path is the one tested
+    for clipping in CLIPPINGS:
+        assert leave_one_out(PointwiseConvOverManyPositions, (a, g), 4, clipping=clipping) <= C * (1 + TOLERANCE)
+
+
 def test_a_hf_conv1d_sample_whose_terms_cancel_moves_the_step_by_at_most_c():
     transformers = pytest.importorskip("transformers")
     batch = linear_batch(ratio=1e4)
