@@ -191,6 +191,42 @@ def test_attention_matches_microbatching(name, mode, norm_method):
     check_engine(model, attention_loss(options, pattern), mode=mode, batch_first=options.get("batch_first", False))
 
 
+class AttentionInModelLayout(nn.Module):
+    """Linear, self-attention, Linear in a model of layout ``model_batch_first`` around an attention
+    layer of its own layout (the transposes a user writes between them)."""
+
+    def __init__(self, model_batch_first: bool, layer_batch_first: bool):
+        super().__init__()
+        self.embed, self.head = nn.Linear(INPUT, 6), nn.Linear(6, 2)
+        self.attention = DPMultiheadAttention(6, 2, batch_first=layer_batch_first)
+        self.swap = model_batch_first != layer_batch_first
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h.transpose(0, 1) if self.swap else h
+        h, _ = self.attention(h, h, h)
+        return self.head(h.transpose(0, 1) if self.swap else h)
+
+
+@pytest.mark.parametrize("steps", [STEPS, BATCH], ids=["T!=B", "T==B"])
+@pytest.mark.parametrize("layer_batch_first", [True, False])
+@pytest.mark.parametrize("model_batch_first", [True, False])
+def test_attention_layout_need_not_match_the_models(model_batch_first, layer_batch_first, steps):
+    """out_proj runs batch-first inside the layer, so a sequence-first attention layer in a batch-first
+    model (and the reverse) is clipped per sample; with T == B a mix-up of the two would pass silently."""
+    torch.manual_seed(0)
+    model = AttentionInModelLayout(model_batch_first, layer_batch_first)
+    x = torch.randn(BATCH, steps, INPUT, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(BATCH, steps, 2, generator=torch.Generator().manual_seed(4))
+
+    def loss_of(net, rows):
+        inputs = x[rows] if model_batch_first else x[rows].transpose(0, 1)
+        output = net(inputs)
+        return (torch.tanh(output if model_batch_first else output.transpose(0, 1)) * target[rows]).sum()
+
+    check_engine(model, loss_of, batch_first=model_batch_first)
+
+
 # -- engine details ----------------------------------------------------------------------------------
 def test_frozen_parameters_get_nothing():
     torch.manual_seed(0)

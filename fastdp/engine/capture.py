@@ -15,6 +15,7 @@ input projection of all time steps, ...), each one a ``ModuleCall`` of its own.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import types
 from typing import Callable, Dict, List, Optional
@@ -100,6 +101,24 @@ def positional_inputs(forward: Callable, args: tuple, kwargs: dict) -> tuple:
     return bound.args
 
 
+_CALLS_BATCH_FIRST = contextvars.ContextVar("fastdp_calls_batch_first", default=False)
+
+
+@contextlib.contextmanager
+def calls_batch_first():
+    """Module calls made inside are recorded as batch-first, whatever the model's ``batch_first``.
+
+    For a layer that calls a submodule in its own layout rather than the model's: DPMultiheadAttention
+    runs ``out_proj`` on its batch-first ``[N, L, E]`` even in a sequence-first model, so the engine
+    must not read that call's second dimension as the batch.
+    """
+    token = _CALLS_BATCH_FIRST.set(True)
+    try:
+        yield
+    finally:
+        _CALLS_BATCH_FIRST.reset(token)
+
+
 class _Route:
     """What a routed module needs at call time. Kept on the module, and the routed forward is a
     bound method, so ``copy.deepcopy`` of a routed model yields a copy routed to its own state."""
@@ -142,7 +161,7 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
         a.detach() if isinstance(a, torch.Tensor) else a
         for a in positional_inputs(route.original_forward, args, kwargs)
     )
-    call = ModuleCall(module, route.rule, inputs, params)
+    call = ModuleCall(module, route.rule, inputs, params, batch_first=_CALLS_BATCH_FIRST.get())
     if route.on_call is not None:
         route.on_call(call, output)
     return CaptureOutputGrad.apply(route.on_grad, call, output, *params.values())

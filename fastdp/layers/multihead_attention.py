@@ -16,9 +16,9 @@ submodules behind state_dict hooks: the in-projection is marked as an internal c
 - ``bias_k``/``bias_v`` (add_bias_kv) are broadcast to [N, 1, E] and captured: that tensor's
   gradient is their per-sample gradient (tiny).
 
-``out_proj`` is an ordinary nn.Linear, called as a module on the output in the layer's own
-layout (batch_first or not) and handled by the Linear rule; so the GradSampleModule's
-batch_first must match this layer's, as for any Linear after it.
+``out_proj`` is an ordinary nn.Linear handled by the Linear rule, called as a module on the
+batch-first ``[N, L, E]`` attention output (``calls_batch_first``), so the layer works in a
+batch-first or sequence-first model whatever its own ``batch_first``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..engine.capture import capture_internal, is_capturing_internally
+from ..engine.capture import calls_batch_first, capture_internal, is_capturing_internally
 from ..engine.rules import register_rule
 from ..engine.rules.rnn import SEQUENCE_LINEAR_RULE, SequenceLinear, WeightTerm
 
@@ -52,7 +52,7 @@ class DPMultiheadAttention(nn.Module):
     ``ModuleValidator.fix(model)`` swaps torch's layer for this one with the same weights
     (``from_module``). Its in-projection (packed or separate q/k/v weights, ``bias_k``/``bias_v``)
     is clipped per sample as linear layers over the positions and ``out_proj`` by the Linear
-    rule, so the GradSampleModule's ``batch_first`` must match this layer's.
+    rule; its ``batch_first`` need not match the GradSampleModule's.
     """
 
     def __init__(
@@ -257,11 +257,11 @@ class DPMultiheadAttention(nn.Module):
             attended = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=use_causal_hint)
             weights = None
         attended = attended.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
+        with calls_batch_first():  # out_proj's rows are this layer's samples in any model layout
+            output = self.out_proj(attended)
         if not batched:
-            output = self.out_proj(attended.squeeze(0))
-            return output, (None if weights is None else weights.squeeze(0))
-        output = self.out_proj(attended if self.batch_first else attended.transpose(0, 1))
-        return output, weights
+            return output.squeeze(0), (None if weights is None else weights.squeeze(0))
+        return (output if self.batch_first else output.transpose(0, 1)), weights
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         """q [N, L, E], k, v [N, S, E] (batch-first inputs), the in-projection marked for the engine."""
