@@ -322,11 +322,8 @@ class GradSampleModule(nn.Module):
                 if not buffer.allocated:
                     continue
                 buffer.check_clearable()
-                if buffer.logical_batch_open:
-                    continue
-                for p in self.parameters():
-                    if p in buffer:
-                        buffer.accumulator(p).zero_()
+                if not buffer.logical_batch_open:
+                    buffer.zero_views(self.parameters())
         self._retained_steps = None
         self.backward_passes = 0
 

@@ -1,24 +1,33 @@
-"""The gradient buffer: a DP optimizer's gradients live in flat buffers, each allocated whole.
+"""The gradient buffer: a DP optimizer's gradients live in flat segments, each allocated whole.
 
-Why one flat buffer: the step adds one noise draw over every parameter and, across processes,
-sums one tensor; if the gradients lived apart, the step would first concatenate them (a full-size
-copy) and draw a full-size noise tensor beside it (~3× the gradients at the step's peak). Here the
-engine adds each layer's clipped sum into the parameter's view of the buffer, in place; the noise
-and the 1/E[B] scale are applied to the buffer in place, chunk by chunk (one fused kernel on GPU);
-a distributed optimizer reduces the buffer itself. The storage is never freed, so its addresses
-are static (CUDA graphs) and the allocator sees no full-size churn, unless ``zero_grad()`` (torch's
-default ``set_to_none=True``) releases it, as torch releases gradients: it is then allocated again, whole,
-by the next backward's first clipped sum (``zero_grad(set_to_none=False)`` keeps it, zeroed).
+Why flat: the step adds noise over every parameter and, across processes, sums the gradients; if they
+lived apart, the step would first concatenate them (a full-size copy) and draw a full-size noise
+tensor beside it (~3x the gradients at the step's peak). Here the engine adds each layer's clipped
+sum into the parameter's view of its segment, in place; the noise and the 1/E[B] scale are applied
+to each segment in place, chunk by chunk (one fused kernel per segment on GPU); a distributed
+optimizer reduces each segment itself (one collective per segment).
 
-Layout and dtype: the optimizer's trainable parameters in order, one buffer per (device,
-accumulation dtype); float32 for float32/bfloat16/float16 parameters, float64 for float64. Clipped
-sums are summed in float32 even for bf16/fp16 parameters, so rounding to the parameter dtype
-happens once per step, when the released gradient is written to ``p.grad`` (a second buffer in the
-parameter dtype, allocated once: torch requires ``p.grad`` in the parameter's dtype). Such a
-parameter therefore keeps fp32 master gradients (4 + 2 bytes per bf16 parameter), as mixed-precision
-training with fp32 master gradients does.
+Why segments rather than one buffer: a segment is allocated by the first clipped sum written into
+it, so under per-layer clipping the gradients appear layer by layer as the backward frees the
+activations, as non-private training's do, instead of all at the start of the backward beside every
+activation. A segment holds consecutive parameters (optimizer order, one device and accumulation
+dtype) up to ``segment_numel(total)`` elements, about 1/``SEGMENTS`` of the gradients (a larger
+parameter is a segment of its own): at most one segment is allocated ahead of need, and a step
+makes at most about ``SEGMENTS`` collectives and noise launches.
 
-What the buffer holds, in turn: zeros; the clipped sums of the backward passes since (``p.grad``
+Storage lifetime: kept between steps, so its addresses are static (CUDA graphs) and the allocator
+sees no churn, unless ``zero_grad()`` (torch's default ``set_to_none=True``) releases it, as torch
+releases gradients: the next backward allocates the segments again as it writes them
+(``zero_grad(set_to_none=False)`` keeps them, zeroed).
+
+Dtype: float32 for float32/bfloat16/float16 parameters, float64 for float64. Clipped sums are
+summed in float32 even for bf16/fp16 parameters, so rounding to the parameter dtype happens once per
+step, when the released gradient is written to ``p.grad`` (a second segment in the parameter dtype,
+allocated once: torch requires ``p.grad`` in the parameter's dtype). Such a parameter therefore keeps
+fp32 master gradients (4 + 2 bytes per bf16 parameter), as mixed-precision training with fp32 master
+gradients does.
+
+What a segment holds, in turn: zeros; the clipped sums of the backward passes since (``p.grad``
 and, after ``clip_and_accumulate``, ``p.summed_grad`` are views of it); after the noise pass, the
 released gradient (``p.grad``). ``zero()`` (optimizer ``zero_grad``, or the end of an abandoned
 logical batch) starts over: a partial sum never survives into another step.
@@ -26,9 +35,19 @@ logical batch) starts over: a partial sum never survives into another step.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+#: about how many segments the gradients of one device and dtype are split into (see the module docstring)
+SEGMENTS = 32
+#: the smallest segment bound, in elements (256 KiB of float32): small models get few segments
+MIN_SEGMENT_NUMEL = 1 << 16
+
+
+def segment_numel(total: int) -> int:
+    """The most elements a segment of parameters holds (unless one parameter alone is larger)."""
+    return max(MIN_SEGMENT_NUMEL, -(-total // SEGMENTS))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,8 +55,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _Group:
-    """One flat buffer: the parameters of one device and accumulation dtype, in optimizer order."""
+class _Segment:
+    """One flat buffer: consecutive parameters of one device and accumulation dtype, in optimizer order."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, params: List[torch.Tensor]):
         self.device, self.dtype, self.params = device, dtype, params
@@ -68,8 +87,17 @@ class GradBuffer:
         groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
         for p in params:
             groups.setdefault((p.device, accumulation_dtype(p.dtype)), []).append(p)
-        self.groups = [_Group(device, dtype, members) for (device, dtype), members in groups.items()]
-        self._group_of = {id(p): group for group in self.groups for p in group.params}
+        self.segments: List[_Segment] = []
+        for (device, dtype), members in groups.items():
+            bound = segment_numel(sum(p.numel() for p in members))
+            run: List[torch.Tensor] = []
+            for p in members:
+                if run and sum(q.numel() for q in run) + p.numel() > bound:
+                    self.segments.append(_Segment(device, dtype, run))
+                    run = []
+                run.append(p)
+            self.segments.append(_Segment(device, dtype, run))
+        self._segment_of = {id(p): segment for segment in self.segments for p in segment.params}
         self._accumulators: Dict[int, torch.Tensor] = {}  # id(p) -> the persistent view clipped sums go into
         #: clipped sums were added since the last ``clip_and_accumulate`` (a backward's, not yet moved)
         self.pending = False
@@ -79,20 +107,20 @@ class GradBuffer:
         self.pinned = False
 
     def __contains__(self, p: torch.Tensor) -> bool:
-        return id(p) in self._group_of
+        return id(p) in self._segment_of
 
     @property
     def allocated(self) -> bool:
-        return any(group.flat is not None for group in self.groups)
+        return any(segment.flat is not None for segment in self.segments)
 
     def accumulator(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         """``p``'s view of the accumulation buffer, the same tensor every time (None: not covered)."""
         view = self._accumulators.get(id(p))
         if view is None:
-            group = self._group_of.get(id(p))
-            if group is None:
+            segment = self._segment_of.get(id(p))
+            if segment is None:
                 return None
-            view = self._accumulators[id(p)] = group.view(group.allocate(), p)
+            view = self._accumulators[id(p)] = segment.view(segment.allocate(), p)
         return view
 
     def take_grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -116,23 +144,30 @@ class GradBuffer:
     def fresh_view(self, p: torch.Tensor) -> torch.Tensor:
         """A new view object of ``p``'s accumulated sum (``p.summed_grad``: Opacus marks it as processed, an
         attribute that must not stick to the persistent view)."""
-        group = self._group_of[id(p)]
-        return group.view(group.allocate(), p)
+        segment = self._segment_of[id(p)]
+        return segment.view(segment.allocate(), p)
 
     def owns(self, tensor: Optional[torch.Tensor]) -> bool:
         """Whether ``tensor`` lives in one of these buffers (a gradient the engine or the step wrote)."""
         if tensor is None:
             return False
         storage = tensor.untyped_storage().data_ptr()
-        buffers = [group.flat for group in self.groups] + [group.released for group in self.groups]
-        buffers += [cast for group in self.groups for cast in group.cast.values()]
+        buffers = [segment.flat for segment in self.segments] + [segment.released for segment in self.segments]
+        buffers += [cast for segment in self.segments for cast in segment.cast.values()]
         return any(b is not None and b.untyped_storage().data_ptr() == storage for b in buffers)
+
+    def zero_views(self, params: Iterable[torch.Tensor]) -> None:
+        """Zeros in the views of ``params`` whose segment is allocated (allocating nothing)."""
+        for p in params:
+            segment = self._segment_of.get(id(p))
+            if segment is not None and segment.flat is not None:
+                segment.view(segment.flat, p).zero_()
 
     def zero(self) -> None:
         """Start over: zeros in every accumulation buffer (one memset each; the storage stays)."""
-        for group in self.groups:
-            if group.flat is not None:
-                group.flat.zero_()
+        for segment in self.segments:
+            if segment.flat is not None:
+                segment.flat.zero_()
         self.pending = self.logical_batch_open = False
 
     def release(self) -> None:
@@ -143,34 +178,34 @@ class GradBuffer:
         if self.pinned:
             self.zero()
             return
-        for group in self.groups:
-            group.flat = group.released = None
-            group.cast.clear()
+        for segment in self.segments:
+            segment.flat = segment.released = None
+            segment.cast.clear()
         self._accumulators.clear()
         self.pending = self.logical_batch_open = False
 
-    def flats(self, keep_sums: bool) -> List[Tuple[_Group, torch.Tensor]]:
-        """Each group with the flat tensor the noise pass works on: the accumulation buffer itself, or (with
-        ``keep_sums``) a copy in the group's second buffer, so that ``p.summed_grad`` outlives the step."""
+    def flats(self, keep_sums: bool) -> List[Tuple[_Segment, torch.Tensor]]:
+        """Each segment with the flat tensor the noise pass works on: the accumulation buffer itself, or (with
+        ``keep_sums``) a copy in the segment's second buffer, so that ``p.summed_grad`` outlives the step."""
         out = []
-        for group in self.groups:
-            flat = group.allocate()
+        for segment in self.segments:
+            flat = segment.allocate()
             if keep_sums:
-                if group.released is None:
-                    group.released = torch.empty_like(flat)
-                group.released.copy_(flat)
-                flat = group.released
-            out.append((group, flat))
+                if segment.released is None:
+                    segment.released = torch.empty_like(flat)
+                segment.released.copy_(flat)
+                flat = segment.released
+            out.append((segment, flat))
         return out
 
-    def publish(self, group: _Group, flat: torch.Tensor) -> None:
+    def publish(self, segment: _Segment, flat: torch.Tensor) -> None:
         """Point each parameter's ``p.grad`` at its part of ``flat``; a narrower parameter's gradient is
-        rounded once into the group's buffer of its dtype (allocated once)."""
-        for p in group.params:
-            view = group.view(flat, p)
+        rounded once into the segment's buffer of its dtype (allocated once)."""
+        for p in segment.params:
+            view = segment.view(flat, p)
             if p.dtype != flat.dtype:
-                cast = group.cast.get(p.dtype)
+                cast = segment.cast.get(p.dtype)
                 if cast is None:
-                    cast = group.cast[p.dtype] = torch.empty(group.numel, dtype=p.dtype, device=group.device)
-                view = group.view(cast, p).copy_(view)
+                    cast = segment.cast[p.dtype] = torch.empty(segment.numel, dtype=p.dtype, device=segment.device)
+                view = segment.view(cast, p).copy_(view)
             p.grad = view
