@@ -73,9 +73,8 @@ def test_optimizer_side_clipping_of_grad_samples_set_by_hand():
     model, x, y = _model_and_batch()
     per_sample = microbatch_per_sample_grads(model, x, y)
     expected = {n: g / B for n, g in clipped_sum(per_sample, C).items()}
-    optimizer = DPOptimizer(
+    optimizer = DPOptimizer(  # no module attached: p.summed_grad is kept by default, as in Opacus's no_op mode
         torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B,
-        keep_summed_grad=True,
     )
     for name, p in model.named_parameters():
         p.grad_sample = per_sample[name]
@@ -154,6 +153,26 @@ def test_summed_grad_holds_the_clipped_sum_until_the_noise_goes_into_its_buffer(
     F.cross_entropy(module(x), y).backward()
     optimizer.step()
     assert all(p.summed_grad is None and p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode, kept", [("bk", False), ("hooks", True), ("functorch", True)])
+def test_summed_grad_outlives_the_step_by_default_only_where_per_sample_gradients_are_materialised(mode, kept):
+    """keep_summed_grad=None: Opacus's p.summed_grad after step() in the Opacus modes, whose p.grad_sample
+    already costs B gradients; in "bk" mode the noise goes into the clipped sum's storage (no second buffer)."""
+    model, x, y = _model_and_batch()
+    expected = _expected_grads(model, x, y, divisor=1)
+    module, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B),
+        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, grad_sample_mode=mode,
+    )
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if kept:
+            torch.testing.assert_close(p.summed_grad, expected[name], rtol=1e-4, atol=1e-6)
+        else:
+            assert p.summed_grad is None and p.grad is not None
 
 
 def test_step_twice_without_zero_grad_is_an_error():

@@ -12,12 +12,14 @@
 4. ``scale_grad()``: ``p.grad /= expected_batch_size · accumulated_iterations`` (mean loss);
 5. the step hook (the accountant).
 
-Gradients live in a ``GradBuffer`` (``grad_buffer.py``), allocated whole: the engine adds clipped sums
-into each parameter's view of it, ``p.grad`` and ``p.summed_grad`` are views of it, and when a subclass
-overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one in-place pass over it (chunked on
-CPU, one fused kernel on GPU), so the step allocates nothing full-size. After that pass the buffer holds
-the released gradient, so ``p.summed_grad`` is None (``keep_summed_grad=True`` keeps it, in a second
-buffer). Overriding a stage (e.g. Laplace noise) runs the stages separately, as Opacus does.
+Gradients live in a ``GradBuffer`` (``grad_buffer.py``, flat segments allocated as the backward writes
+them): the engine adds clipped sums into each parameter's view of it, ``p.grad`` and ``p.summed_grad`` are
+views of it, and when a subclass overrides neither ``add_noise`` nor ``scale_grad``, 3 and 4 are one
+in-place pass over it (chunked on CPU, one fused kernel per segment on GPU), so the step allocates
+nothing full-size. After that pass the buffer holds the released gradient, so in "bk" mode
+``p.summed_grad`` is None after the step; in the modes that materialise per-sample gradients ("hooks",
+"functorch") it is kept, in a second buffer, as Opacus keeps it (``keep_summed_grad`` decides either
+way). Overriding a stage (e.g. Laplace noise) runs the stages separately, as Opacus does.
 """
 
 from __future__ import annotations
@@ -127,9 +129,12 @@ class DPOptimizer(Optimizer):
             ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``min_clipbound``,
             ``max_clipbound``, ``unclipped_num_std``; the gradient noise is raised so that the pair of
             noisy releases costs exactly ``noise_multiplier`` in the accountant).
-        keep_summed_grad: keep ``p.summed_grad`` (the clipped sum) after the step until ``zero_grad()``, as
-            Opacus does, at the cost of a second gradient-sized buffer; by default the noise goes into the
+        keep_summed_grad: True: keep ``p.summed_grad`` (the clipped sum) after the step until ``zero_grad()``,
+            as Opacus does, at the cost of a second gradient-sized buffer. False: the noise goes into the
             buffer in place and ``p.summed_grad`` is None after the step (its storage holds ``p.grad``).
+            None (default): True where per-sample gradients are materialised anyway (an attached module in
+            "hooks" or "functorch" mode, or none: the optimizer clips the ``p.grad_sample`` you set), since
+            they already cost B gradients; False in "bk" mode.
         **clipping_kwargs: the keywords of the chosen clipping; any other is an error.
     """
 
@@ -149,7 +154,7 @@ class DPOptimizer(Optimizer):
         generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
         clipping: str = "flat",
-        keep_summed_grad: bool = False,
+        keep_summed_grad: Optional[bool] = None,
         **clipping_kwargs,
     ):
         loss_reduction = check_loss_reduction(loss_reduction)
@@ -179,7 +184,7 @@ class DPOptimizer(Optimizer):
         self._skip_next = False  # the next step() is a virtual one
         self._needs_zero_grad = False  # a step() ran and zero_grad() has not since
         self.grad_scaler = None  # a torch.amp.GradScaler (attach_grad_scaler)
-        self.keep_summed_grad = bool(keep_summed_grad)
+        self.keep_summed_grad = None if keep_summed_grad is None else bool(keep_summed_grad)
         #: where the gradients of ``params`` live (None for optimizers that keep them elsewhere: FSDP)
         self.grad_buffer: Optional[GradBuffer] = GradBuffer(self.params) if self.uses_grad_buffer else None
         for p in self.params:
@@ -550,7 +555,8 @@ class DPOptimizer(Optimizer):
             return
         std = self.gradient_noise_multiplier * self.max_grad_norm if self._adds_noise() else 0.0
         buffer = self.grad_buffer
-        for group, flat in buffer.flats(keep_sums=self.keep_summed_grad):
+        keep_sums = self._keeps_summed_grad()
+        for group, flat in buffer.flats(keep_sums=keep_sums):
             if self.secure_mode and std != 0:  # the OS CSPRNG, a chunk at a time
                 for chunk in flat.split(NOISE_CHUNK_NUMEL):
                     chunk.add_(normal(chunk.numel(), self.generator, device=chunk.device, dtype=chunk.dtype), alpha=std)
@@ -559,9 +565,16 @@ class DPOptimizer(Optimizer):
                 add_noise_and_scale(flat, std, factor, self.generator)
             self._sum_over_ranks(flat)
             buffer.publish(group, flat)
-        if not self.keep_summed_grad:  # the buffer holds the released gradient now, not the clipped sum
+        if not keep_sums:  # the buffer holds the released gradient now, not the clipped sum
             for p in params:
                 p.summed_grad = None
+
+    def _keeps_summed_grad(self) -> bool:
+        """``keep_summed_grad``, with None resolved by the attached modules' modes (see the class docstring)."""
+        if self.keep_summed_grad is not None:
+            return self.keep_summed_grad
+        # no module: the optimizer clips the p.grad_sample set by hand (Opacus's "no_op" mode)
+        return not self.modules or any(getattr(module, "mode", "bk") != "bk" for module in self.modules)
 
     def _adds_noise(self) -> bool:
         """Whether this process draws the noise (DistributedDPOptimizer: one rank of all)."""
