@@ -261,7 +261,8 @@ class DPMultiheadAttention(nn.Module):
             output = self.out_proj(attended)
         if not batched:
             return output.squeeze(0), (None if weights is None else weights.squeeze(0))
-        return (output if self.batch_first else output.transpose(0, 1)), weights
+        # sequence-first: contiguous [L, N, E], as torch returns it (the layers after see torch's layout)
+        return (output if self.batch_first else output.transpose(0, 1).contiguous()), weights
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         """q [N, L, E], k, v [N, S, E] (batch-first inputs), the in-projection marked for the engine."""
