@@ -124,3 +124,24 @@ def test_weight_norm_uses_the_cost_model(T, expected, monkeypatch):
         )
     linear_ops.linear_weight_norm_sq(torch.randn(2, T, 32), torch.randn(2, T, 32))
     assert calls == [expected]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d-layout"])
+@pytest.mark.parametrize(
+    "B, T, d, p, min_scaled",
+    [(5, 3, 7, 6, None), (6, 40, 9, 300, 512), (40, 1, 5, 130, 256), (3, 200, 4, 70, 64)],
+    ids=["one-block", "feature-blocks", "feature-blocks-T1", "sample-chunks"],
+)
+def test_in_place_clipped_sum_adds_the_clipped_sum_in_blocks(B, T, d, p, min_scaled, transposed, monkeypatch):
+    """out += Σ_i c_i g_iᵀ a_i in place, in blocks of output features (and of samples when one sample's block
+    would exceed the scratch budget): the same sum as one float64 product, added to what out held."""
+    if min_scaled is not None:
+        monkeypatch.setattr(linear_ops, "MIN_SCALED_NUMEL", min_scaled)
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    a, g = torch.randn(B, T, d, generator=gen), torch.randn(B, T, p, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)
+    c = torch.rand(B, generator=gen)
+    start = torch.randn(p, d, generator=gen)
+    expected = start.double() + torch.einsum("b,btp,btd->pd", c.double(), g.double(), a.double())
+    out = start.T.contiguous() if transposed else start.clone()
+    linear_ops.add_linear_clipped_grad(out, a, g, c, transposed=transposed)
+    torch.testing.assert_close((out.T if transposed else out).double(), expected, rtol=1e-5, atol=1e-5)

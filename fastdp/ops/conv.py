@@ -68,12 +68,17 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
 
 
 @op("conv_weight_clipped_grad")
-def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """sum_i c_i grad_i for the weight [C_out, C_in/groups, *kernel_size], as one conv weight-gradient."""
+def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int, weight=None) -> torch.Tensor:
+    """sum_i c_i grad_i for the weight [C_out, C_in/groups, *kernel_size], as one conv weight-gradient.
+
+    ``weight``: the layer's weight, whose shape the call reads (the weight-gradient call makes any stand-in
+    contiguous, a weight-sized copy); used when it has g's dtype and device."""
     ndim = len(kernel_size)
     scaled = g * c.to(g.dtype).view(-1, *(1,) * (g.dim() - 1))
     weight_shape = (g.shape[1], x.shape[1] // groups, *kernel_size)
-    weight = scaled.new_empty(1).expand(weight_shape)  # only its shape and dtype are read
+    if weight is None or weight.dtype != g.dtype or weight.device != g.device or not weight.is_contiguous():
+        weight = scaled.new_empty(1).expand(weight_shape)  # only its shape and dtype are read
+    weight = weight.detach()
     zeros = [0] * ndim
     return torch.ops.aten.convolution_backward(
         scaled, x, weight, None, list(stride), zeros, list(dilation), False, zeros, groups, (False, True, False)
@@ -88,6 +93,12 @@ def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) ->
     [1, B·C_out, *L], the layer as a convolution with B·groups groups: its weight gradient
     [B·C_out, C_in/groups, *k] is each (sample, group)'s own, one oneDNN/cuDNN weight-gradient call.
     """
+    return conv_weight_grad_sample_zero_padded(x, g, kernel_size, stride, dilation, groups, [0] * len(kernel_size))
+
+
+def conv_weight_grad_sample_zero_padded(x, g, kernel_size, stride, dilation, groups: int, padding) -> torch.Tensor:
+    """``conv_weight_grad_sample`` of the input ``x`` zero-padded by ``padding`` (per spatial dim, both sides),
+    which the weight-gradient call pads itself: no padded copy of x (the torch path of the conv rule)."""
     batch, in_channels = x.shape[:2]
     out_channels = g.shape[1]
     if batch == 0:
@@ -96,6 +107,6 @@ def conv_weight_grad_sample(x, g, kernel_size, stride, dilation, groups: int) ->
     weight = g.new_empty(1).expand(batch * out_channels, in_channels // groups, *kernel_size)  # shape only
     grads = torch.ops.aten.convolution_backward(
         g.reshape(1, batch * out_channels, *g.shape[2:]), x.reshape(1, batch * in_channels, *x.shape[2:]), weight,
-        None, list(stride), zeros, list(dilation), False, zeros, batch * groups, (False, True, False),
+        None, list(stride), list(padding), list(dilation), False, zeros, batch * groups, (False, True, False),
     )[1]
     return grads.view(batch, out_channels, in_channels // groups, *kernel_size)

@@ -11,6 +11,8 @@ dtype; gradient ops return the input dtype (the rule casts to the parameter dtyp
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import op, rounding
@@ -18,11 +20,13 @@ from . import op, rounding
 #: scratch elements one chunk of a torch reference may allocate; bounds the memory of
 #: per-sample Gram matrices, per-sample gradients and conv patches to ~16 MiB (fp32).
 CHUNK_NUMEL = 1 << 22
+#: the scaled copy of g in an in-place clipped sum may always take this many elements (256 KiB of fp32)
+MIN_SCALED_NUMEL = 1 << 16
 
 
-def batch_chunks(batch: int, numel_per_sample: int):
-    """Slices over the batch so that each chunk's scratch stays under CHUNK_NUMEL."""
-    step = max(1, CHUNK_NUMEL // max(1, numel_per_sample))
+def batch_chunks(batch: int, numel_per_sample: int, budget: Optional[int] = None):
+    """Slices over the batch so that each chunk's scratch stays under ``budget`` (CHUNK_NUMEL) elements."""
+    step = max(1, (CHUNK_NUMEL if budget is None else budget) // max(1, numel_per_sample))
     return (slice(start, start + step) for start in range(0, batch, step))
 
 
@@ -122,22 +126,32 @@ def linear_clipped_grad(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> to
 def add_linear_clipped_grad(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, transposed: bool = False) -> None:
     """``out += sum_i c_i g_iᵀ a_i`` in place (``out`` [p, d], or [d, p] with ``transposed``; the dtype of a
     and g): ``linear_clipped_grad``'s GEMM, the same products c_i·g_t ⊗ a_t, accumulating into ``out`` with
-    no gradient-sized temporary. A chunk of whole samples at a time, so that the scaled copy of g stays
-    under CHUNK_NUMEL; each sample's rows are reduced inside one GEMM (the model of ``fastdp.ops.rounding``)."""
+    no gradient-sized temporary. The scaled copy of g is made a block of output features at a time (each
+    GEMM still reduces over all the chunk's rows), at most a quarter of g and CHUNK_NUMEL elements, so it
+    stays small beside the gradient being written (an MLP's peak under per-layer clipping); samples are
+    chunked too only when that leaves fewer than 64 features per block. Each sample's rows are reduced
+    inside one GEMM (the model of ``fastdp.ops.rounding``)."""
     B, T, p = g.shape
-    for rows in batch_chunks(B, T * p):
-        x = (g[rows] * c[rows].to(g.dtype)[:, None, None]).flatten(0, 1)
+    budget = min(CHUNK_NUMEL, max(MIN_SCALED_NUMEL, g.numel() // 4))
+    min_features = min(p, 64)
+    for rows in batch_chunks(B, T * min_features, budget):
         y = a[rows].flatten(0, 1)
-        if transposed:
-            out.addmm_(y.T, x)
-        else:
-            out.addmm_(x.T, y)
+        c_rows = c[rows].to(g.dtype)[:, None, None]
+        step = max(min_features, budget // max(1, y.shape[0]))
+        for start in range(0, p, step):
+            features = slice(start, start + step)
+            x = (g[rows, :, features] * c_rows).flatten(0, 1)
+            if transposed:
+                out[:, features].addmm_(y.T, x)
+            else:
+                out[features].addmm_(x.T, y)
+            del x  # before the next block's copy exists
 
 
 @op("linear_bias_clipped_grad")
 def linear_bias_clipped_grad(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i sum_t g_it: [p]."""
-    return c.to(g.dtype) @ g.sum(1)
+    """sum_i c_i sum_t g_it: [p]. One position: ``g[:, 0]`` is that sum already (a view, no [B, p] copy)."""
+    return c.to(g.dtype) @ (g[:, 0] if g.shape[1] == 1 else g.sum(1))
 
 
 @op("linear_grad_sample")

@@ -41,7 +41,6 @@ def add_noise_and_scale(flat: torch.Tensor, std: float, scale: float, generator:
         return
     for chunk in noise_chunks(flat):
         if std != 0:
-            noise = torch.randn(chunk.shape, generator=generator, device=chunk.device, dtype=chunk.dtype)
-            chunk.add_(noise, alpha=std)
+            chunk.add_(torch.randn(chunk.shape, generator=generator, device=chunk.device, dtype=chunk.dtype), alpha=std)
         if scale != 1:
             chunk.mul_(scale)

@@ -83,7 +83,7 @@ class ConvRule(LayerRule):
         if module.weight.requires_grad:
             x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
             factors = factors_for(clip_factors, "weight")
-            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, factors, *self._geometry(module))
+            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, factors, *self._geometry(module), module.weight)
             grads["weight"] = weight_grad.to(module.weight.dtype)
         if module.bias is not None and module.bias.requires_grad:
             factors = factors_for(clip_factors, "bias")
@@ -106,8 +106,16 @@ class ConvRule(LayerRule):
     def grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
-            x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
-            weight_grads = conv_ops.conv_weight_grad_sample(x, g, *self._geometry(module))
+            pairs = _padding_pairs(module)
+            if module.padding_mode == "zeros" and all(left == right for left, right in pairs) and uses_torch_reference(
+                "conv_weight_grad_sample", inputs[0], grad_output
+            ):  # the weight-gradient call pads x itself: no padded copy
+                x, g = common_dtype(inputs[0], grad_output)
+                padding = [left for left, _ in pairs]
+                weight_grads = conv_ops.conv_weight_grad_sample_zero_padded(x, g, *self._geometry(module), padding)
+            else:
+                x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
+                weight_grads = conv_ops.conv_weight_grad_sample(x, g, *self._geometry(module))
             grads["weight"] = weight_grads.to(module.weight.dtype)
         if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = grad_output.flatten(2).sum(2).to(module.bias.dtype)
