@@ -64,6 +64,7 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
     for rows in batch_chunks(batch, patch_numel):
         a, g_rows = _grouped_sequence_view(x[rows], g[rows], kernel_size, stride, dilation, groups)
         out[rows] = linear_weight_norm_sq(a, g_rows).view(-1, groups).sum(1)
+        del a, g_rows  # before the next chunk's patches exist
     return out * rounding.BOUND_ARITHMETIC
 
 

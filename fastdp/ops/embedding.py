@@ -81,7 +81,10 @@ def sample_row_sums(ids: torch.Tensor, sample_of_token: torch.Tensor, token_grad
     order, segment, _, segment_keys = key_segments(sample_of_token * num_embeddings + ids)
     dtype = rounding.accumulation_dtype(token_grads)
     row_grads = token_grads.new_zeros((ids.numel(), token_grads.shape[1]), dtype=dtype)
-    return row_grads.index_add_(0, segment, token_grads[order].to(dtype)), segment_keys
+    # each token's segment, in token order: no sorted [N, dim] copy of the token gradients (the stable sort
+    # keeps a segment's tokens in token order, so the sums are added in the same order either way)
+    segment_of_token = torch.empty_like(segment).scatter_(0, order, segment)
+    return row_grads.index_add_(0, segment_of_token, token_grads.to(dtype)), segment_keys
 
 
 @op("embedding_norm_sq")

@@ -52,7 +52,7 @@ class EmbeddingBagRule(EmbeddingLookupRule):
             token_weights = counted * per_sample_weights.reshape(-1).to(weight_dtype)
         else:
             token_weights = counted
-        token_grads = grad_output.to(weight_dtype)[bag_of_token] * token_weights.unsqueeze(1)
+        token_grads = grad_output.to(weight_dtype)[bag_of_token].mul_(token_weights.unsqueeze(1))  # one [N, dim]
         return TokenList(ids, bag_of_token, token_grads, batch_size)
 
 
