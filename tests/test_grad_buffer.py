@@ -52,7 +52,7 @@ def test_the_step_allocates_no_gradient_sized_temporary():
         F.cross_entropy(module(x), y).backward()
         peak = _peak_allocated(optimizer.step)
         optimizer.zero_grad()
-    assert peak <= 2 * NOISE_CHUNK_NUMEL * 4, (peak, gradient_bytes)
+    assert peak <= NOISE_CHUNK_NUMEL * 4 + 4096, (peak, gradient_bytes)  # one chunk of noise alive at a time
 
 
 def _segment_storages(optimizer) -> set:
