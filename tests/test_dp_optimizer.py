@@ -117,22 +117,14 @@ def test_laplace_subclass_overrides_the_noise_stage():
         assert torch.equal(p.summed_grad, torch.zeros_like(p)) and hasattr(p.summed_grad, "_processed")
 
 
-def test_summed_grad_holds_the_clipped_sum_until_zero_grad():
-    """With keep_summed_grad=True (Opacus's behaviour) the clipped sum outlives the step, in its own buffer."""
-    model, x, y = _model_and_batch()
-    expected = _expected_grads(model, x, y, divisor=1)
+def _private_sgd(model, x, y, **kwargs):
+    """make_private with SGD, σ = 1, C, the batch (x, y) as one fixed batch: (module, optimizer)."""
     module, optimizer, _ = PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B),
-        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, keep_summed_grad=True,
+        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, **kwargs,
     )
-    F.cross_entropy(module(x), y).backward()
-    optimizer.step()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.summed_grad, expected[name], rtol=1e-4, atol=1e-6)
-        assert p.summed_grad.untyped_storage().data_ptr() != p.grad.untyped_storage().data_ptr()
-    optimizer.zero_grad()
-    assert all(p.summed_grad is None and p.grad is None for p in model.parameters())
+    return module, optimizer
 
 
 def test_summed_grad_holds_the_clipped_sum_until_the_noise_goes_into_its_buffer():
@@ -140,11 +132,7 @@ def test_summed_grad_holds_the_clipped_sum_until_the_noise_goes_into_its_buffer(
     the buffer) from clip_and_accumulate until the noise pass, then None, never the noised values."""
     model, x, y = _model_and_batch()
     expected = _expected_grads(model, x, y, divisor=1)
-    module, optimizer, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B),
-        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False,
-    )
+    module, optimizer = _private_sgd(model, x, y)
     F.cross_entropy(module(x), y).backward()
     optimizer.clip_and_accumulate()
     for name, p in model.named_parameters():
@@ -155,24 +143,33 @@ def test_summed_grad_holds_the_clipped_sum_until_the_noise_goes_into_its_buffer(
     assert all(p.summed_grad is None and p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("mode, kept", [("bk", False), ("hooks", True), ("functorch", True)])
-def test_summed_grad_outlives_the_step_by_default_only_where_per_sample_gradients_are_materialised(mode, kept):
-    """keep_summed_grad=None: Opacus's p.summed_grad after step() in the Opacus modes, whose p.grad_sample
-    already costs B gradients; in "bk" mode the noise goes into the clipped sum's storage (no second buffer)."""
+@pytest.mark.parametrize(
+    "options, kept",
+    [
+        ({}, False),  # bk mode: the noise goes into the clipped sum's storage (no second buffer)
+        ({"grad_sample_mode": "hooks"}, True),  # the Opacus modes, whose p.grad_sample already costs B gradients
+        ({"grad_sample_mode": "functorch"}, True),
+        ({"keep_summed_grad": True}, True),
+        ({"grad_sample_mode": "hooks", "keep_summed_grad": False}, False),
+    ],
+    ids=["bk", "hooks", "functorch", "bk-keep", "hooks-keep-false"],
+)
+def test_summed_grad_outlives_the_step_where_per_sample_gradients_are_materialised_or_asked(options, kept):
+    """keep_summed_grad=None (default): Opacus's p.summed_grad after step() in "hooks"/"functorch" mode, not in
+    "bk" mode; True/False decide either way. Kept, it is the clipped sum in a buffer of its own until zero_grad."""
     model, x, y = _model_and_batch()
     expected = _expected_grads(model, x, y, divisor=1)
-    module, optimizer, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B),
-        noise_multiplier=1.0, max_grad_norm=C, poisson_sampling=False, grad_sample_mode=mode,
-    )
+    module, optimizer = _private_sgd(model, x, y, **options)
     F.cross_entropy(module(x), y).backward()
     optimizer.step()
     for name, p in model.named_parameters():
         if kept:
             torch.testing.assert_close(p.summed_grad, expected[name], rtol=1e-4, atol=1e-6)
+            assert p.summed_grad.untyped_storage().data_ptr() != p.grad.untyped_storage().data_ptr()
         else:
             assert p.summed_grad is None and p.grad is not None
+    optimizer.zero_grad()
+    assert all(p.summed_grad is None and p.grad is None for p in model.parameters())
 
 
 def test_step_twice_without_zero_grad_is_an_error():
