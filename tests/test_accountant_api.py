@@ -40,6 +40,9 @@ def test_state_dict_round_trip(name):
     assert restored.history[0] == (1.1, 0.02, 50)  # a copy, not a view
     with pytest.raises(ValueError, match="history"):
         restored.load_state_dict({"mechanism": name})
+    for history in (None, "garbage", 3, [(1.0, 0.01)]):  # each a one-line ValueError naming the history
+        with pytest.raises(ValueError, match="history|noise_multiplier"):
+            restored.load_state_dict({"mechanism": name, "history": history})
 
 
 @pytest.mark.parametrize("name", NAMES)

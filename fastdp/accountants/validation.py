@@ -65,6 +65,8 @@ def check_steps(value, name: str = "steps") -> int:
 
 def check_history(history) -> list:
     """A history is a list of (noise_multiplier, sample_rate, num_steps) triples."""
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"history must be a list of (noise_multiplier, sample_rate, num_steps), got {history!r}")
     checked = []
     for entry in history:
         try:
