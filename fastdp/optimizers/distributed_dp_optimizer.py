@@ -13,7 +13,7 @@ one draw of d Gaussians on rank 0 — what a single process draws anyway.
 
 - ``DistributedDPOptimizer`` (DDP/DPDDP): the gradient buffer (``GradBuffer``, where the engine
   left the clipped sums and the noise went in place) is all-reduced in place once per real step: one
-  bucket, one collective.
+  collective per segment of the buffer (about 32; see ``grad_buffer.py``).
 - ``FSDPDPOptimizer`` (FSDP2): the full clipped sums are laid out rank by rank in a buffer allocated
   once and reduce-scattered once into a shard buffer allocated once; each rank keeps its shard (a
   view) as the sharded parameter's gradient.
@@ -38,7 +38,7 @@ from .dp_optimizer import AdaptiveClipping, DPOptimizer
 
 
 class DistributedDPOptimizer(DPOptimizer):
-    """``DPOptimizer`` for replicas (DDP/DPDDP): one all-reduce(SUM) of the noised flat buffer per step.
+    """``DPOptimizer`` for replicas (DDP/DPDDP): one all-reduce(SUM) of each noised buffer segment per step.
 
     ``expected_batch_size`` is the *global* one (``sample_rate`` × whole dataset). Every rank
     must call ``step()`` for every logical batch, an empty one included (its gradients are zeros).
