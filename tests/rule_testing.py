@@ -146,6 +146,15 @@ def check_rule_on_samples(
         scale = None if scales is None else torch.einsum("b,b...->...", clip_factors, scales[name])
         assert_matches(clipped[name], weighted_sum, scale)
 
+    # in place into what a gradient buffer holds (another use's sum), as the engine calls it
+    start = {name: torch.randn_like(getattr(module, name)) for name in expected}
+    out = {name: tensor.clone() for name, tensor in start.items()}
+    rule.add_clipped_grad(module, inputs, grad_output, clip_factors, out)
+    for name, grads in expected.items():
+        weighted_sum = torch.einsum("b,b...->...", clip_factors, grads)
+        scale = None if scales is None else torch.einsum("b,b...->...", clip_factors, scales[name]) + start[name].abs()
+        assert_matches(out[name] - start[name], weighted_sum, scale)
+
 
 def check_low_precision_norms(
     module: nn.Module, inputs: tuple, grad_output: torch.Tensor, dtype: torch.dtype, rtol: float

@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fastdp.ops.conv as conv_ops
 import fastdp.ops.linear as linear_ops
 from fastdp.engine.rules import get_rule
 from fastdp.engine.rules.conv import ConvRule
@@ -60,6 +61,21 @@ def make(config, seed=0):
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_matches_microbatching(config, norm_method):
     check_rule(*make(config), bilinear=True)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=config_id)
+def test_in_place_clipped_sum_in_blocks_of_output_channels(config, monkeypatch):
+    """add_clipped_grad returns a large weight's sum a quarter of its output channels at a time (forced here
+    for small layers): the same sums as microbatching, added to what the buffer held."""
+    monkeypatch.setattr(conv_ops, "MIN_BLOCKED_WEIGHT_NUMEL", 0)
+    calls = []
+    original = conv_ops.conv_weight_clipped_grad
+    monkeypatch.setattr(conv_ops, "conv_weight_clipped_grad", lambda *a, **k: calls.append(a[1].shape[1]) or original(*a, **k))
+    module, x = make(config)
+    check_rule(module, x, bilinear=True)
+    if module.groups == 1 and module.out_channels > 1:  # the in-place sum, in blocks (clipped_grad: one call)
+        assert len(calls) > 2 and sum(calls[1:]) == module.out_channels
 
 
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=config_id)

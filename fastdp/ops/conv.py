@@ -19,7 +19,11 @@ from typing import Sequence
 import torch
 
 from . import op, rounding
-from .linear import batch_chunks, linear_weight_norm_sq
+from .linear import CHUNK_NUMEL, batch_chunks, linear_weight_norm_sq
+
+#: a weight gradient up to this many elements (1 MiB of float32) is returned whole by the in-place clipped sum;
+#: also the least scratch a chunk of norm patches may take
+MIN_BLOCKED_WEIGHT_NUMEL = 1 << 18
 
 
 def unfold(
@@ -61,7 +65,8 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
     batch = x.shape[0]
     patch_numel = math.prod(g.shape[2:]) * x.shape[1] * math.prod(kernel_size)
     out = torch.empty(batch, dtype=torch.float64, device=x.device)
-    for rows in batch_chunks(batch, patch_numel):
+    # patches a chunk of samples at a time, no larger than the input itself (k^d times fewer samples)
+    for rows in batch_chunks(batch, patch_numel, max(MIN_BLOCKED_WEIGHT_NUMEL, min(x.numel(), CHUNK_NUMEL))):
         a, g_rows = _grouped_sequence_view(x[rows], g[rows], kernel_size, stride, dilation, groups)
         out[rows] = linear_weight_norm_sq(a, g_rows).view(-1, groups).sum(1)
         del a, g_rows  # before the next chunk's patches exist
@@ -69,11 +74,12 @@ def conv_weight_norm_sq(x, g, kernel_size, stride, dilation, groups: int) -> tor
 
 
 @op("conv_weight_clipped_grad")
-def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int, weight=None) -> torch.Tensor:
+def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int, weight=None, padding=None) -> torch.Tensor:
     """sum_i c_i grad_i for the weight [C_out, C_in/groups, *kernel_size], as one conv weight-gradient.
 
     ``weight``: the layer's weight, whose shape the call reads (the weight-gradient call makes any stand-in
-    contiguous, a weight-sized copy); used when it has g's dtype and device."""
+    contiguous, a weight-sized copy); used when it has g's dtype and device. ``padding``: x is to be
+    zero-padded by that much per spatial dim, both sides, which the call does itself (no padded copy)."""
     ndim = len(kernel_size)
     scaled = g * c.to(g.dtype).view(-1, *(1,) * (g.dim() - 1))
     weight_shape = (g.shape[1], x.shape[1] // groups, *kernel_size)
@@ -81,9 +87,24 @@ def conv_weight_clipped_grad(x, g, c, kernel_size, stride, dilation, groups: int
         weight = scaled.new_empty(1).expand(weight_shape)  # only its shape and dtype are read
     weight = weight.detach()
     zeros = [0] * ndim
+    padding = zeros if padding is None else list(padding)
     return torch.ops.aten.convolution_backward(
-        scaled, x, weight, None, list(stride), zeros, list(dilation), False, zeros, groups, (False, True, False)
+        scaled, x, weight, None, list(stride), padding, list(dilation), False, zeros, groups, (False, True, False)
     )[1]
+
+
+def add_conv_weight_clipped_grad(out, x, g, c, kernel_size, stride, dilation, groups: int, weight=None, padding=None):
+    """``out += conv_weight_clipped_grad(...)`` in place, a block of output channels at a time when the weight
+    is large and ``groups == 1`` (at most a quarter of it returned at once, beside ``out``). Each block is
+    the same weight-gradient reduction over samples and positions for its channels."""
+    channels = g.shape[1]
+    step = channels if groups != 1 or out.numel() <= MIN_BLOCKED_WEIGHT_NUMEL else -(-channels // 4)
+    for start in range(0, channels, step):
+        rows = slice(start, start + step)
+        block_weight = None if weight is None else weight[rows]
+        out[rows].add_(
+            conv_weight_clipped_grad(x, g[:, rows], c, kernel_size, stride, dilation, groups, block_weight, padding)
+        )
 
 
 @op("conv_weight_grad_sample")

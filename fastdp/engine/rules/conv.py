@@ -39,6 +39,15 @@ def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
     return F.pad(x, flat, mode=_PAD_MODES[module.padding_mode])
 
 
+def _call_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor):
+    """``(x, padding)`` for a weight-gradient call that zero-pads x itself (zeros mode, the same padding on both
+    sides of each dim), else ``(padded_input(module, x), None)``."""
+    pairs = _padding_pairs(module)
+    if module.padding_mode == "zeros" and all(left == right for left, right in pairs):
+        return x, [left for left, _ in pairs]
+    return padded_input(module, x), None
+
+
 class ConvRule(LayerRule):
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -81,15 +90,34 @@ class ConvRule(LayerRule):
     ) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
-            x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
+            (x, padding), g = _call_padding(module, inputs[0]), grad_output
+            x, g = common_dtype(x, g)
             factors = factors_for(clip_factors, "weight")
-            weight_grad = conv_ops.conv_weight_clipped_grad(x, g, factors, *self._geometry(module), module.weight)
+            weight_grad = conv_ops.conv_weight_clipped_grad(
+                x, g, factors, *self._geometry(module), module.weight, padding
+            )
             grads["weight"] = weight_grad.to(module.weight.dtype)
         if module.bias is not None and module.bias.requires_grad:
-            factors = factors_for(clip_factors, "bias")
-            bias_grad = linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, factors)
-            grads["bias"] = bias_grad.to(module.bias.dtype)
+            grads["bias"] = self._bias_clipped_grad(module, grad_output, clip_factors)
         return grads
+
+    def add_clipped_grad(self, module, inputs: tuple, grad_output: torch.Tensor, clip_factors: ClipFactors, out) -> None:
+        """As ``clipped_grad``, the weight's sum added into ``out`` a block of output channels at a time
+        (``conv_ops.add_conv_weight_clipped_grad``): no whole weight-sized result beside ``out``."""
+        if "weight" in out:
+            (x, padding), g = _call_padding(module, inputs[0]), grad_output
+            x, g = common_dtype(x, g)
+            conv_ops.add_conv_weight_clipped_grad(
+                out["weight"], x, g, factors_for(clip_factors, "weight"), *self._geometry(module), module.weight,
+                padding,
+            )
+        if "bias" in out:
+            out["bias"].add_(self._bias_clipped_grad(module, grad_output, clip_factors))
+
+    @staticmethod
+    def _bias_clipped_grad(module, grad_output: torch.Tensor, clip_factors: ClipFactors) -> torch.Tensor:
+        factors = factors_for(clip_factors, "bias")
+        return linear_ops.linear_bias_clipped_grad(grad_output.flatten(2).mT, factors).to(module.bias.dtype)
 
     def rounding_slack(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         x, g = common_dtype(inputs[0], grad_output)
@@ -106,12 +134,9 @@ class ConvRule(LayerRule):
     def grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
-            pairs = _padding_pairs(module)
-            if module.padding_mode == "zeros" and all(left == right for left, right in pairs) and uses_torch_reference(
-                "conv_weight_grad_sample", inputs[0], grad_output
-            ):  # the weight-gradient call pads x itself: no padded copy
-                x, g = common_dtype(inputs[0], grad_output)
-                padding = [left for left, _ in pairs]
+            x, padding = _call_padding(module, inputs[0])
+            if padding is not None and uses_torch_reference("conv_weight_grad_sample", inputs[0], grad_output):
+                x, g = common_dtype(x, grad_output)  # the weight-gradient call pads x itself: no padded copy
                 weight_grads = conv_ops.conv_weight_grad_sample_zero_padded(x, g, *self._geometry(module), padding)
             else:
                 x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
