@@ -397,3 +397,35 @@ def test_switch_generator_on_a_shuffled_loader_matches_a_loader_built_with_that_
     source = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(99))
     switched = [b[0].tolist() for b in switch_generator(data_loader=source, generator=torch.Generator().manual_seed(5))]
     assert switched == built
+
+
+@pytest.mark.parametrize(
+    "layer, x_shape, batch_first",
+    [
+        (nn.Linear(4, 3), (5, 4), True),
+        (nn.Conv2d(2, 3, 3, padding=1), (4, 2, 5, 5), True),
+        (nn.Linear(4, 3), (5, 6, 4), False),  # the layer takes [T, B, d]; activations come batch-first
+    ],
+    ids=["linear", "conv2d", "linear-sequence-first"],
+)
+def test_opacus_functorch_helpers_give_per_sample_gradients(layer, x_shape, batch_first):
+    """prepare_layer / ft_compute_per_sample_gradient (opacus.grad_sample.functorch, used by code that calls
+    them directly): per-sample gradients of <layer(x_i), g_i>, as microbatching gives them."""
+    from fastdp.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(x_shape)  # batch-first, as a GradSampleModule records it
+    g = torch.randn_like(layer(x if batch_first else x.transpose(0, 1)))
+    g = g if batch_first else g.transpose(0, 1)
+    prepare_layer(layer, batch_first=batch_first)
+    grads = ft_compute_per_sample_gradient(layer, (x,), g)
+    for p in layer.parameters():
+        expected = []
+        for i in range(x.shape[0]):
+            xi, gi = x[i : i + 1], g[i : i + 1]
+            if not batch_first:
+                xi, gi = xi.transpose(0, 1), gi.transpose(0, 1)
+            expected.append(torch.autograd.grad((layer(xi) * gi).sum(), p)[0])
+        torch.testing.assert_close(grads[p], torch.stack(expected), rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="buffers"):
+        prepare_layer(nn.BatchNorm1d(3))
