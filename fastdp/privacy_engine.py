@@ -128,7 +128,8 @@ class PrivacyEngine:
             **clipping_kwargs: the chosen clipping's keywords (adaptive: ``target_unclipped_quantile``,
                 ``clipbound_learning_rate``, ``min_clipbound``, ``max_clipbound``, ``unclipped_num_std``;
                 automatic: ``stability``) and the optimizer's ``keep_summed_grad`` (keep ``p.summed_grad`` after
-                the step, as Opacus does, in a second gradient-sized buffer); any other keyword is an error.
+                the step, as Opacus does, in a second gradient-sized buffer; by default only in the modes that
+                materialise per-sample gradients); any other keyword is an error.
         """
         loss_reduction = check_loss_reduction(loss_reduction)
         if clipping != "per_layer":  # per-layer bounds are a list, checked by the optimizer
