@@ -142,6 +142,32 @@ def test_embedding_bag_offsets_match_microbatch(seed, include_last_offset, mode,
     check_rule_on_samples(module, (ids, offsets, weights), samples, torch.randn(len(bag_sizes), module.embedding_dim))
 
 
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag_as_the_whole_model_counts_bags_not_tokens(mode, include_last_offset):
+    """GradSampleModule(nn.EmbeddingBag) called on flat ids and offsets: the samples are the bags (the first
+    tensor argument has one row per token), clipped as microbatching's per-bag gradients."""
+    from fastdp import GradSampleModule
+
+    torch.manual_seed(0)
+    module = nn.EmbeddingBag(10, 5, mode="sum", include_last_offset=include_last_offset)
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 7])
+    starts, ends = [0, 1, 3, 4], [1, 3, 4, 7]
+    offsets = torch.tensor(starts + [7] if include_last_offset else starts)
+    g = torch.randn(4, 5)
+    expected = torch.stack([
+        torch.autograd.grad((module(ids[a:b], torch.tensor([0, b - a] if include_last_offset else [0])) * g[i]).sum(),
+                            module.weight)[0]
+        for i, (a, b) in enumerate(zip(starts, ends))
+    ])
+    gsm = GradSampleModule(module, mode=mode, loss_reduction="sum")
+    (gsm(ids, offsets) * g).sum().backward()
+    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
+    factors = torch.rand(4)
+    gsm.accumulate_clipped_grads(factors)
+    torch.testing.assert_close(module.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-5, atol=1e-6)
+
+
 def test_embedding_bag_empty_batch_and_bf16():
     torch.manual_seed(0)
     module = nn.EmbeddingBag(10, 8, mode="mean", padding_idx=1)

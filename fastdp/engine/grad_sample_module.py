@@ -232,7 +232,9 @@ class GradSampleModule(nn.Module):
         the batch of its first tensor argument is the samples of every call it makes."""
         self._inference_forward = not torch.is_grad_enabled()  # nothing in it reaches a backward
         if not self._inference_forward:
-            self._forward = _Forward(_batch_size_of(args, kwargs, self.batch_first))
+            rule = get_rule(self._module)  # a single layer as the model may count its samples itself
+            batch_size = None if rule is None else rule.batch_size(self._module, args, kwargs)
+            self._forward = _Forward(batch_size if batch_size is not None else _batch_size_of(args, kwargs, self.batch_first))
 
     def _end_forward(self) -> None:
         self._inference_forward = False

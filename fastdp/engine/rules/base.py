@@ -25,7 +25,7 @@ never appear in any result.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -92,6 +92,11 @@ class LayerRule:
 
     def check(self, module: nn.Module) -> None:
         """Raise a one-line ValueError if this module's configuration cannot be made private."""
+
+    def batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[int]:
+        """The number of samples of a call ``module(*args, **kwargs)`` when ``module`` is the whole wrapped
+        model, for inputs whose first tensor is not one row per sample; None: that tensor's batch dimension."""
+        return None
 
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

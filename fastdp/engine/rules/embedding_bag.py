@@ -8,6 +8,8 @@ nn.Embedding.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -28,6 +30,15 @@ class EmbeddingBagRule(EmbeddingLookupRule):
                 "EmbeddingBag(mode='max') sends each gradient to the arg-max row, which is not "
                 "recoverable from the recorded inputs; use mode='sum' or mode='mean'"
             )
+
+    def batch_size(self, module: nn.EmbeddingBag, args: tuple, kwargs: dict) -> Optional[int]:
+        """Flat 1-D ids with ``offsets``: one sample per bag (``len(offsets)``, less the closing offset with
+        ``include_last_offset``), not per token."""
+        ids = args[0] if args else kwargs.get("input")
+        offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or not isinstance(offsets, torch.Tensor):
+            return None
+        return offsets.numel() - (1 if module.include_last_offset else 0)
 
     def tokens(self, module: nn.EmbeddingBag, inputs: tuple, grad_output: torch.Tensor) -> TokenList:
         ids, offsets, per_sample_weights = (tuple(inputs) + (None, None))[:3]
