@@ -91,11 +91,13 @@ class GradBuffer:
         for (device, dtype), members in groups.items():
             bound = segment_numel(sum(p.numel() for p in members))
             run: List[torch.Tensor] = []
+            run_numel = 0
             for p in members:
-                if run and sum(q.numel() for q in run) + p.numel() > bound:
+                if run and run_numel + p.numel() > bound:
                     self.segments.append(_Segment(device, dtype, run))
-                    run = []
+                    run, run_numel = [], 0
                 run.append(p)
+                run_numel += p.numel()
             self.segments.append(_Segment(device, dtype, run))
         self._segment_of = {id(p): segment for segment in self.segments for p in segment.params}
         self._accumulators: Dict[int, torch.Tensor] = {}  # id(p) -> the persistent view clipped sums go into
