@@ -126,6 +126,23 @@ def test_a_conv_sample_whose_terms_cancel_moves_the_step_by_at_most_c(ndim, clip
     assert leave_one_out(build, batch, 4, clipping=clipping) <= C * (1 + TOLERANCE)
 
 
+@pytest.mark.parametrize("clipping", CLIPPINGS)
+def test_blocked_in_place_clipped_sums_keep_a_cancelling_sample_within_c(clipping, monkeypatch):
+    """The in-place clipped sums form large weights' sums in blocks (linear: blocks of output features and of
+    samples; conv: blocks of output channels); forced here on small layers, the cancelling sample still
+    moves the step by at most C."""
+    import fastdp.ops.conv as conv_ops
+    import fastdp.ops.linear as linear_ops
+
+    monkeypatch.setattr(linear_ops, "MIN_SCALED_NUMEL", 1)
+    monkeypatch.setattr(conv_ops, "MIN_BLOCKED_WEIGHT_NUMEL", 0)
+    a, g = _honest(5, 2, 8, 128)
+    a[-1], g[-1] = cancelling_positions(1e4, p=128)  # 128 features: two blocks of them, three of samples
+    assert leave_one_out(lambda: nn.Linear(8, 128), (a, g), 4, clipping=clipping) <= C * (1 + TOLERANCE)
+    build = lambda: Conv1x1Over2Positions(2)  # noqa: E731  (8 output channels: four blocks of two)
+    assert leave_one_out(build, linear_batch(ratio=1e4), 4, clipping=clipping) <= C * (1 + TOLERANCE)
+
+
 class PointwiseConvOverManyPositions(nn.Module):
     """A 1-channel 1×1 convolution over 64 positions: its per-sample weight gradients (one number) are
     smaller than its input and output gradient, so the engine materialises them (the grouped
