@@ -39,13 +39,15 @@ def padded_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
     return F.pad(x, flat, mode=_PAD_MODES[module.padding_mode])
 
 
-def _call_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor):
-    """``(x, padding)`` for a weight-gradient call that zero-pads x itself (zeros mode, the same padding on both
-    sides of each dim), else ``(padded_input(module, x), None)``."""
+def _weight_call_inputs(module: nn.modules.conv._ConvNd, x: torch.Tensor, grad_output: torch.Tensor):
+    """``(x, g, padding)`` in one dtype for a weight-gradient call: x as recorded and the padding the call
+    applies itself (zeros mode, the same padding on both sides of each dim), else x padded and None."""
     pairs = _padding_pairs(module)
     if module.padding_mode == "zeros" and all(left == right for left, right in pairs):
-        return x, [left for left, _ in pairs]
-    return padded_input(module, x), None
+        padding = [left for left, _ in pairs]
+    else:
+        x, padding = padded_input(module, x), None
+    return (*common_dtype(x, grad_output), padding)
 
 
 class ConvRule(LayerRule):
@@ -90,8 +92,7 @@ class ConvRule(LayerRule):
     ) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
-            (x, padding), g = _call_padding(module, inputs[0]), grad_output
-            x, g = common_dtype(x, g)
+            x, g, padding = _weight_call_inputs(module, inputs[0], grad_output)
             factors = factors_for(clip_factors, "weight")
             weight_grad = conv_ops.conv_weight_clipped_grad(
                 x, g, factors, *self._geometry(module), module.weight, padding
@@ -105,8 +106,7 @@ class ConvRule(LayerRule):
         """As ``clipped_grad``, the weight's sum added into ``out`` a block of output channels at a time
         (``conv_ops.add_conv_weight_clipped_grad``): no whole weight-sized result beside ``out``."""
         if "weight" in out:
-            (x, padding), g = _call_padding(module, inputs[0]), grad_output
-            x, g = common_dtype(x, g)
+            x, g, padding = _weight_call_inputs(module, inputs[0], grad_output)
             conv_ops.add_conv_weight_clipped_grad(
                 out["weight"], x, g, factors_for(clip_factors, "weight"), *self._geometry(module), module.weight,
                 padding,
@@ -134,11 +134,13 @@ class ConvRule(LayerRule):
     def grad_sample(self, module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         grads = {}
         if module.weight.requires_grad:
-            x, padding = _call_padding(module, inputs[0])
-            if padding is not None and uses_torch_reference("conv_weight_grad_sample", inputs[0], grad_output):
-                x, g = common_dtype(x, grad_output)  # the weight-gradient call pads x itself: no padded copy
-                weight_grads = conv_ops.conv_weight_grad_sample_zero_padded(x, g, *self._geometry(module), padding)
-            else:
+            if uses_torch_reference("conv_weight_grad_sample", inputs[0], grad_output):
+                x, g, padding = _weight_call_inputs(module, inputs[0], grad_output)
+                if padding is not None:  # the weight-gradient call pads x itself: no padded copy
+                    weight_grads = conv_ops.conv_weight_grad_sample_zero_padded(x, g, *self._geometry(module), padding)
+                else:
+                    weight_grads = conv_ops.conv_weight_grad_sample(x, g, *self._geometry(module))
+            else:  # the kernels take the padded input
                 x, g = common_dtype(padded_input(module, inputs[0]), grad_output)
                 weight_grads = conv_ops.conv_weight_grad_sample(x, g, *self._geometry(module))
             grads["weight"] = weight_grads.to(module.weight.dtype)
