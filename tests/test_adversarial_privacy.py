@@ -258,6 +258,24 @@ def test_embedding_bag_rows_must_be_samples():
         clipped_sum(BagOfTwo, (ids, g))
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_dropping_a_bag_zeroes_its_output_gradient_not_the_tokens_at_its_row(clipping):
+    """Flat ids with as many tokens as bags: bag 1's gradient is inf, so it is dropped. Its row of the token
+    tensors (position 1) is bag 0's second token, whose weight cancels the first: zeroing it there would
+    release bag 0's cancelled weight 5·g_0 (norm 5·C) unclipped."""
+    torch.manual_seed(0)
+    module = nn.EmbeddingBag(6, 4, mode="sum")
+    ids, offsets = torch.tensor([3, 3, 1]), torch.tensor([0, 2, 3])  # bags: tokens {0, 1}, {2}, {}
+    weights = torch.tensor([5.0, -5.0, 1.0])
+    g = torch.ones(3, 4) / 2
+    g[1, 0] = math.inf
+    gsm = GradSampleModule(module, loss_reduction="sum", clipping=_policy(module, clipping))
+    output = gsm(ids, offsets, per_sample_weights=weights)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        torch.autograd.backward(output, g)
+    assert torch.equal(module.weight.grad, torch.zeros(6, 4))  # bag 0 cancels, bag 1 is dropped, bag 2 is empty
+
+
 # -- 2. shared parameters whose uses cancel -------------------------------------------------------
 class Siamese(nn.Module):
     """One Linear on both inputs, difference of the outputs: its uses' gradients cancel."""

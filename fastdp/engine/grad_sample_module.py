@@ -43,7 +43,7 @@ from ..validators.errors import SampleMixingModuleError
 from .capture import ModuleCall, route
 from .clipping import PerLayerClipping
 from .rules import get_rule, qualified_name
-from .rules.base import add_clipped_sum_of_grad_samples, outer_inner_product
+from .rules.base import add_clipped_sum_of_grad_samples, outer_inner_product, zero_rows
 from .rules.functorch import FUNCTORCH_RULE, FUNCTORCH_RULE_BATCH_SECOND
 
 MODES = ("bk", "hooks", "functorch")
@@ -750,8 +750,7 @@ class _BackwardStep:
         ``drop_rows``: samples to zero everywhere first (c = 0 alone is not enough: 0 * inf is NaN)."""
         for call in self.rule_calls:
             if drop_rows is not None:
-                call.grad_output = _zero_rows(call.grad_output, drop_rows)
-                call.inputs = tuple(_zero_rows(x, drop_rows) for x in call.inputs)
+                call.inputs, call.grad_output = call.rule.zero_samples(call.module, call.inputs, call.grad_output, drop_rows)
             call_factors = {name: factors[id(p)] * self.scale for name, p in call.params.items()}
             targets = {name: target_of(p) for name, p in call.params.items()}
             call.rule.add_clipped_grad(call.module, call.inputs, call.grad_output, call_factors, targets)
@@ -759,7 +758,7 @@ class _BackwardStep:
         for key in list(self.materialised):
             param, grads = self.materialised.pop(key)
             if drop_rows is not None:
-                grads = _zero_rows(grads, drop_rows)
+                grads = zero_rows(grads, drop_rows)
             add_clipped_sum_of_grad_samples(target_of(param), factors[key] * self.scale, grads)
             del grads
 
@@ -863,7 +862,3 @@ def _batch_size_of(args: tuple, kwargs: dict, batch_first: bool) -> Optional[int
     return None
 
 
-def _zero_rows(x, rows: torch.Tensor):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != rows.shape[0]:
-        return x
-    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), torch.zeros((), dtype=x.dtype, device=x.device), x)

@@ -98,6 +98,12 @@ class LayerRule:
         model, for inputs whose first tensor is not one row per sample; None: that tensor's batch dimension."""
         return None
 
+    def zero_samples(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor, rows: torch.Tensor):
+        """``(inputs, grad_output)`` with the samples ``rows`` (bool [B]) zeroed, for a sample the engine drops
+        (a non-finite norm: its clip factor 0 alone is not enough, as 0 · inf is NaN): here every
+        floating-point tensor with B rows. Rules whose inputs have rows that are not samples override it."""
+        return tuple(zero_rows(x, rows) for x in inputs), zero_rows(grad_output, rows)
+
     def grad_sample(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -167,6 +173,13 @@ class NormBoundsRule(LayerRule):
 
     def rounding_slack(self, module: nn.Module, inputs: tuple, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.norm_bounds(module, inputs, grad_output)[1]
+
+
+def zero_rows(x, rows: torch.Tensor):
+    """``x`` with the rows ``rows`` (bool [B]) zeroed when it is a floating-point tensor of B rows; else ``x``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != rows.shape[0]:
+        return x
+    return torch.where(rows.view(-1, *([1] * (x.dim() - 1))), torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def clipped_sum_of_grad_samples(factors: torch.Tensor, grad_samples: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import register_rule
+from .base import zero_rows
 from .embedding import EmbeddingLookupRule, TokenList
 
 
@@ -65,6 +66,11 @@ class EmbeddingBagRule(EmbeddingLookupRule):
             token_weights = counted
         token_grads = grad_output.to(weight_dtype)[bag_of_token].mul_(token_weights.unsqueeze(1))  # one [N, dim]
         return TokenList(ids, bag_of_token, token_grads, batch_size)
+
+    def zero_samples(self, module: nn.EmbeddingBag, inputs: tuple, grad_output: torch.Tensor, rows: torch.Tensor):
+        """Only the output gradient: the inputs' rows are tokens (flat ids and ``per_sample_weights``), and a
+        zeroed ``g_i`` zeroes every token gradient of bag i whatever its weights."""
+        return inputs, zero_rows(grad_output, rows)
 
 
 register_rule(EmbeddingBagRule())
