@@ -109,7 +109,8 @@ def test_conv_weight_clipped_grad(benchmark, monkeypatch, backend, shape):
     assert out.shape == (shape[2], shape[1], 3, 3)
 
 
-# (B, tokens per sample, vocab, dim): the EmbeddingBag classifier and GPT-2's token embedding
+# (B, tokens per sample, vocab, dim): nn.Embedding at the EmbeddingBag classifier's shape (the bag itself
+# takes the rank-one ops of fastdp.ops.embedding_bag) and GPT-2's token embedding
 EMBEDDING_SHAPES = (
     {"bag-256x50-50000x64": (256, 50, 50000, 64), "gpt2-16x256-50257x768": (16, 256, 50257, 768)}
     if ON_CUDA else {"32x16-1000x64": (32, 16, 1000, 64), "4x64-5000x128": (4, 64, 5000, 128)}

@@ -258,6 +258,49 @@ def test_embedding_bag_rows_must_be_samples():
         clipped_sum(BagOfTwo, (ids, g))
 
 
+class WeightedBag(nn.Module):
+    """nn.EmbeddingBag(mode="sum") with per-sample weights, bags [B, L]."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 4, mode="sum")
+
+    def forward(self, ids, weights):
+        return self.bag(ids, per_sample_weights=weights)
+
+
+def weighted_bag_batch(weight):
+    """The last sample looks up row 1 twice, with weights ``weight`` and ``16 - weight`` (a power of two up to
+    2**28: exact in float32), so its gradient is 16·g_4 (norm 16·C); sample 0 puts 0.13 per element into row 1
+    first. A per-token scatter-add rounds that 0.13 at magnitude ``weight`` / 32 and moves the step by 1.24·C."""
+    ids = torch.tensor([[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 2], [1, 1, 2]])
+    weights = torch.tensor([[1.0, 0.3, 0.2], [0.5, 0.1, 0.9], [0.7, 0.2, 0.4], [0.3, 0.8, 0.6], [weight, 16 - weight, 0.0]])
+    g = torch.full((5, 4), 0.1)
+    g[0] = 0.13
+    g[-1] = 0.5
+    return ids, weights, g
+
+
+@pytest.mark.parametrize("clipping", CLIPPINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bag_sample_whose_weights_cancel_moves_the_step_by_at_most_c(mode, clipping):
+    batch = weighted_bag_batch(2.0**27)
+    assert leave_one_out(WeightedBag, batch, 4, mode=mode, clipping=clipping) <= C * (1 + TOLERANCE)
+
+
+@pytest.mark.parametrize("clipping", CLIPPINGS)
+def test_a_bag_sample_with_overflowing_weights_and_no_gradient_adds_nothing(clipping):
+    """Weights whose sum overflows float32 times an output gradient of 0: the norm is 0, the sample unclipped,
+    and its rows (clip factor · coefficient, then · g) must still be 0, not inf · 0 = NaN."""
+    ids, weights, g = weighted_bag_batch(1.0)
+    ids[-1] = 1
+    weights[-1] = 3e38
+    g[-1] = 0
+    sums = clipped_sum(WeightedBag, (ids, weights, g), clipping=clipping)
+    assert all(torch.isfinite(s).all() for s in sums.values())
+    assert leave_one_out(WeightedBag, (ids, weights, g), 4, clipping=clipping) <= C * (1 + TOLERANCE)
+
+
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_dropping_a_bag_zeroes_its_output_gradient_not_the_tokens_at_its_row(clipping):
     """Flat ids with as many tokens as bags: bag 1's gradient is inf, so it is dropped. Its row of the token

@@ -174,3 +174,30 @@ def test_embedding_bag_empty_batch_and_bf16():
     ids = torch.randint(10, (4, 6))
     check_empty_batch(module, ids)
     check_low_precision_norms(module, (ids,), torch.randn(4, 8), torch.bfloat16, BF16_NORM_RTOL)
+
+
+def test_embedding_bag_clipped_sum_holds_no_token_gradients():
+    """A bag's per-sample gradient is rank one: the norms and the clipped sum keep scalars per token and rows
+    a chunk at a time, never the [N, dim] token gradients (N tokens) that non-private training does without."""
+    from fastdp.engine.clipping import PerLayerClipping
+    from fastdp import GradSampleModule
+    from .test_grad_buffer import _peak_allocated
+
+    torch.manual_seed(0)
+    batch, length, dim = 64, 200, 64
+    module = nn.EmbeddingBag(2000, dim, mode="mean")
+    reference = nn.EmbeddingBag(2000, dim, mode="mean", _weight=module.weight.detach().clone())
+    ids = torch.randint(2000, (batch * length,))
+    offsets = torch.arange(0, batch * length, length)
+    g = torch.randn(batch, dim)
+    gsm = GradSampleModule(module, loss_reduction="sum", clipping=PerLayerClipping({id(module.weight): 1.0}))
+    output = gsm(ids, offsets)
+    peak = _peak_allocated(lambda: (output * g).sum().backward())  # clipped inside the backward
+    token_gradient_bytes = ids.numel() * dim * 4
+    assert peak <= module.weight.numel() * 4 + token_gradient_bytes // 2, (peak, token_gradient_bytes)
+    expected = torch.stack([
+        torch.autograd.grad((reference(ids[i * length : (i + 1) * length].unsqueeze(0)) * g[i]).sum(), reference.weight)[0]
+        for i in range(batch)
+    ])
+    factors = (1.0 / expected.flatten(1).double().norm(dim=1)).clamp(max=1).float()
+    torch.testing.assert_close(module.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-4, atol=1e-6)
