@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine.rules import get_rule
@@ -201,3 +202,42 @@ def test_embedding_bag_clipped_sum_holds_no_token_gradients():
     ])
     factors = (1.0 / expected.flatten(1).double().norm(dim=1)).clamp(max=1).float()
     torch.testing.assert_close(module.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-4, atol=1e-6)
+
+
+class SequenceFirstBagModel(nn.Module):
+    """A sequence-first model ([T, B] tokens) whose EmbeddingBag takes the bags as rows, as torch defines it."""
+
+    def __init__(self, dim: int, flat: bool):
+        super().__init__()
+        self.flat = flat
+        self.bag = nn.EmbeddingBag(10, dim, mode="mean")
+
+    def forward(self, tokens):
+        bags = tokens.t()
+        if self.flat:
+            return self.bag(bags.reshape(-1), torch.arange(0, bags.numel(), bags.shape[1]))
+        return self.bag(bags)
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("dim", [3, 4])  # 4: as many output columns as samples
+def test_embedding_bag_in_a_sequence_first_model_clips_its_bags(mode, flat, dim):
+    """GradSampleModule(batch_first=False): the bag's rows are still its samples (it was refused, or crashed
+    when its width equalled the batch)."""
+    from fastdp import GradSampleModule
+
+    torch.manual_seed(0)
+    model = SequenceFirstBagModel(dim, flat)
+    weight = model.bag.weight.detach().clone().requires_grad_()
+    tokens, g = torch.randint(10, (5, 4)), torch.randn(4, dim)
+    expected = torch.stack([
+        torch.autograd.grad((F.embedding_bag(tokens[:, i : i + 1].t(), weight, mode="mean") * g[i]).sum(), weight)[0]
+        for i in range(4)
+    ])
+    gsm = GradSampleModule(model, batch_first=False, mode=mode, loss_reduction="sum")
+    (gsm(tokens) * g).sum().backward()
+    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
+    factors = torch.rand(4)
+    gsm.accumulate_clipped_grads(factors)
+    torch.testing.assert_close(model.bag.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-5, atol=1e-6)

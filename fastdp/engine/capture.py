@@ -161,7 +161,8 @@ def _routed_forward(module: nn.Module, *args, **kwargs):
         a.detach() if isinstance(a, torch.Tensor) else a
         for a in positional_inputs(route.original_forward, args, kwargs)
     )
-    call = ModuleCall(module, route.rule, inputs, params, batch_first=_CALLS_BATCH_FIRST.get())
+    batch_first = _CALLS_BATCH_FIRST.get() or route.rule.batch_first_layout
+    call = ModuleCall(module, route.rule, inputs, params, batch_first=batch_first)
     if route.on_call is not None:
         route.on_call(call, output)
     return CaptureOutputGrad.apply(route.on_grad, call, output, *params.values())

@@ -81,6 +81,11 @@ class LayerRule:
     #: the engine does not capture the module's output; each capture point is one call of the rule
     captures_internally: bool = False
 
+    #: True: the layer's inputs and output have one row per sample whatever the model's ``batch_first``
+    #: (torch's own layout for it: an EmbeddingBag's bags are the rows of its output), so the engine never
+    #: reads their second dimension as the batch
+    batch_first_layout: bool = False
+
     def trainable_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 

@@ -26,6 +26,7 @@ class EmbeddingBagRule(EmbeddingLookupRule):
     ``input`` [B, L] (fixed-size bags), or 1-D with ``offsets`` (B or, with include_last_offset, B + 1)."""
 
     module_types = (nn.EmbeddingBag,)
+    batch_first_layout = True  # bags are rows (ids [B, L] or flat with offsets, output [B, dim]) in any model
 
     def check(self, module: nn.EmbeddingBag) -> None:
         super().check(module)
