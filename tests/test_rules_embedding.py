@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdp import GradSampleModule
+from fastdp.engine.clipping import PerLayerClipping
 from fastdp.engine.rules import get_rule
 from .microbatch import split_batch
 from .rule_testing import check_low_precision_norms, check_rule_on_samples, randint
@@ -143,13 +145,20 @@ def test_embedding_bag_offsets_match_microbatch(seed, include_last_offset, mode,
     check_rule_on_samples(module, (ids, offsets, weights), samples, torch.randn(len(bag_sizes), module.embedding_dim))
 
 
+def assert_bags_clipped_as_microbatching(gsm, weight: torch.Tensor, expected: torch.Tensor) -> None:
+    """After one backward of ``gsm`` (no clipping policy): its per-sample norms are those of ``expected``
+    (microbatching's per-bag gradients, [B, *weight.shape]), and random clip factors sum them as it does."""
+    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
+    factors = torch.rand(expected.shape[0])
+    gsm.accumulate_clipped_grads(factors)
+    torch.testing.assert_close(weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["bk", "hooks"])
 @pytest.mark.parametrize("include_last_offset", [False, True])
 def test_embedding_bag_as_the_whole_model_counts_bags_not_tokens(mode, include_last_offset):
     """GradSampleModule(nn.EmbeddingBag) called on flat ids and offsets: the samples are the bags (the first
     tensor argument has one row per token), clipped as microbatching's per-bag gradients."""
-    from fastdp import GradSampleModule
-
     torch.manual_seed(0)
     module = nn.EmbeddingBag(10, 5, mode="sum", include_last_offset=include_last_offset)
     ids = torch.tensor([1, 2, 3, 4, 5, 6, 7])
@@ -163,10 +172,7 @@ def test_embedding_bag_as_the_whole_model_counts_bags_not_tokens(mode, include_l
     ])
     gsm = GradSampleModule(module, mode=mode, loss_reduction="sum")
     (gsm(ids, offsets) * g).sum().backward()
-    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
-    factors = torch.rand(4)
-    gsm.accumulate_clipped_grads(factors)
-    torch.testing.assert_close(module.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-5, atol=1e-6)
+    assert_bags_clipped_as_microbatching(gsm, module.weight, expected)
 
 
 def test_embedding_bag_empty_batch_and_bf16():
@@ -180,8 +186,6 @@ def test_embedding_bag_empty_batch_and_bf16():
 def test_embedding_bag_clipped_sum_holds_no_token_gradients():
     """A bag's per-sample gradient is rank one: the norms and the clipped sum keep scalars per token and rows
     a chunk at a time, never the [N, dim] token gradients (N tokens) that non-private training does without."""
-    from fastdp.engine.clipping import PerLayerClipping
-    from fastdp import GradSampleModule
     from .test_grad_buffer import _peak_allocated
 
     torch.manual_seed(0)
@@ -225,8 +229,6 @@ class SequenceFirstBagModel(nn.Module):
 def test_embedding_bag_in_a_sequence_first_model_clips_its_bags(mode, flat, dim):
     """GradSampleModule(batch_first=False): the bag's rows are still its samples (it was refused, or crashed
     when its width equalled the batch)."""
-    from fastdp import GradSampleModule
-
     torch.manual_seed(0)
     model = SequenceFirstBagModel(dim, flat)
     weight = model.bag.weight.detach().clone().requires_grad_()
@@ -237,7 +239,4 @@ def test_embedding_bag_in_a_sequence_first_model_clips_its_bags(mode, flat, dim)
     ])
     gsm = GradSampleModule(model, batch_first=False, mode=mode, loss_reduction="sum")
     (gsm(tokens) * g).sum().backward()
-    torch.testing.assert_close(gsm.per_sample_norms.double(), expected.flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
-    factors = torch.rand(4)
-    gsm.accumulate_clipped_grads(factors)
-    torch.testing.assert_close(model.bag.weight.grad, torch.einsum("b,bvd->vd", factors, expected), rtol=1e-5, atol=1e-6)
+    assert_bags_clipped_as_microbatching(gsm, model.bag.weight, expected)
